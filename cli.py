@@ -1,0 +1,101 @@
+"""The `mmagent` command: each subcommand is one call into the package (imports stay lazy for a fast --help).
+
+    mmagent train recipes/vqa.toml            train a task adapter (builds builtin:tiny on first use)
+    mmagent export runs/vqa --gguf --onnx -o bundle
+    mmagent chat photo.png --model bundle
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Fine-tune a vision-language model, export it to the edge, use it from agent code.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate builtin:shapes, convert COCO/VQAv2.")
+base_app = typer.Typer(no_args_is_help=True, help="Base models: build the embedded defaults.")
+app.add_typer(data_app, name="data")
+app.add_typer(base_app, name="base")
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError)
+
+
+@app.command()
+def train(recipe: Path = typer.Argument(..., help="recipe TOML, e.g. recipes/vqa.toml"),
+          overrides: Optional[list[str]] = typer.Argument(None, help="key=value, e.g. train.steps=50"),
+          resume: bool = typer.Option(False, "--resume", help="continue from the run's latest checkpoint")):
+    """Train a task adapter (or, with train.method=full, a base) from a recipe."""
+    from mmagent.train.recipe import load_recipe
+    from mmagent.train.run import run_recipe
+    try:
+        run_recipe(load_recipe(recipe, overrides or []), resume, console)
+    except USER_ERRORS as e:
+        fail(e)
+
+
+@app.command("eval")
+def evaluate(run: Path = typer.Argument(..., help="run directory"),
+             base: bool = typer.Option(False, "--base", help="evaluate the base without the adapter too")):
+    """Evaluate a finished run's adapter on its recipe's held-out tasks."""
+    from mmagent.train.run import evaluate_run
+    try:
+        evaluate_run(run, base, console)
+    except USER_ERRORS as e:
+        fail(e)
+
+
+@data_app.command("shapes")
+def data_shapes(out: Path = typer.Argument(..., help="folder to write"),
+                train_images: int = 2000, eval_images: int = 200, seed: int = 0, image_size: int = 64):
+    """Write the builtin:shapes world in COCO-captions and VQAv2 formats."""
+    from mmagent.train.data.shapes import write_world
+    console.print(f"wrote {write_world(out, train_images, eval_images, seed, image_size)}")
+
+
+@data_app.command("prepare")
+def data_prepare(out: Path = typer.Argument(..., help="JSONL file to write"),
+                 captions: Optional[Path] = typer.Option(None, help="COCO captions_*.json"),
+                 questions: Optional[Path] = typer.Option(None, help="VQAv2 questions JSON"),
+                 annotations: Optional[Path] = typer.Option(None, help="VQAv2 annotations JSON"),
+                 images: Path = typer.Option(..., help="image folder of those files")):
+    """Convert COCO captions and/or VQAv2 files into the unified instruction JSONL."""
+    from mmagent.train.data.records import coco_captions, vqa_v2, write_jsonl
+    if not captions and not questions:
+        fail(ValueError("give --captions and/or --questions with --annotations"))
+    if questions and not annotations:
+        fail(ValueError("--questions needs --annotations (the VQAv2 answers file)"))
+    try:
+        records = (coco_captions(captions, images) if captions else []) + \
+                  (vqa_v2(questions, annotations, images) if questions else [])
+    except USER_ERRORS as e:
+        fail(e)
+    write_jsonl(records, out)
+    console.print(f"wrote {len(records)} records to {out}")
+
+
+@base_app.command("build")
+def base_build(name: str = typer.Argument("tiny", help="tiny | smol")):
+    """Build (or find cached) builtin:NAME from recipes/align.toml."""
+    from mmagent.train.builtin import ensure_builtin
+    try:
+        console.print(f"builtin:{name} -> {ensure_builtin(name)}")
+    except USER_ERRORS as e:
+        fail(e)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: recipes, model families, data, metrics and the trainer."""

@@ -1,0 +1,65 @@
+"""From a recipe's [[tasks]] to records: resolve builtin:shapes paths, read the official files, check images."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmagent.train.data.records import DataError, coco_captions, read_jsonl, vqa_v2
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("MMAGENT_CACHE", Path.home() / ".cache" / "mmagent")) / "data"
+
+
+def shapes_files(data_cfg) -> dict[str, str]:
+    """Write (once) and locate the builtin:shapes world for these settings."""
+    from mmagent.train.data.shapes import write_world
+    root = data_root() / f"shapes-{data_cfg.train_images}-{data_cfg.eval_images}-{data_cfg.image_size}"
+    write_world(root, data_cfg.train_images, data_cfg.eval_images, image_size=data_cfg.image_size)
+    ann = root / "annotations"
+    return {
+        "captions": ann / "captions_train2014.json", "images": root / "train2014",
+        "questions": ann / "v2_OpenEnded_mscoco_train2014_questions.json",
+        "annotations": ann / "v2_mscoco_train2014_annotations.json",
+        "eval_captions": ann / "captions_val2014.json", "eval_images": root / "val2014",
+        "eval_questions": ann / "v2_OpenEnded_mscoco_val2014_questions.json",
+        "eval_annotations": ann / "v2_mscoco_val2014_annotations.json",
+    }
+
+
+def task_records(task, data_cfg, split: str) -> list[dict]:
+    """Records of one task for split 'train' or 'eval'."""
+    files = {k: getattr(task, k) for k in ("jsonl", "captions", "questions", "annotations", "images",
+                                           "eval_captions", "eval_questions", "eval_annotations", "eval_images")}
+    if data_cfg.source == "builtin:shapes":
+        files = {**{k: str(v) for k, v in shapes_files(data_cfg).items()}, **{k: v for k, v in files.items() if v}}
+    pre = "eval_" if split == "eval" else ""
+    if split == "train" and files.get("jsonl"):
+        records = read_jsonl(files["jsonl"])
+    elif task.kind == "caption":
+        records = coco_captions(files[pre + "captions"], files[pre + "images"], task.name, task.instruction)
+    else:
+        records = vqa_v2(files[pre + "questions"], files[pre + "annotations"], files[pre + "images"],
+                         task.name, task.instruction)
+    if not records:
+        raise DataError(f"task `{task.name}` has no {split} examples; check its files")
+    return records
+
+
+def eval_subset(records: list[dict], kind: str, n: int) -> list[dict]:
+    """Captions: one record per image (all captions are references). VQA: one per question."""
+    if kind == "caption":
+        seen, out = set(), []
+        for r in records:
+            if r["image_id"] not in seen:
+                seen.add(r["image_id"])
+                out.append(r)
+        records = out
+    return records[:n]
+
+
+def check_images_exist(records: list[dict], task: str) -> None:
+    missing = [r["image_path"] for r in records if not Path(r["image_path"]).is_file()]
+    if missing:
+        raise DataError(f"task `{task}`: {len(missing)} image file(s) missing, e.g. `{missing[0]}`; "
+                        "check the task's `images` folder")

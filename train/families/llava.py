@@ -1,0 +1,49 @@
+"""LLaVA-1.5: CLIP ViT patch features -> 2-layer MLP projector -> causal LM; one LLM token per patch."""
+from __future__ import annotations
+
+import torch
+
+from mmagent.train.families import Parts
+
+
+class LlavaFamily:
+    name = "llava"
+    reads_instruction = False
+    parts = Parts(
+        vision="model.vision_tower", bridge="model.multi_modal_projector", llm="model.language_model",
+        presets={"vision": ("q_proj", "v_proj"), "bridge": ("linear_1", "linear_2"), "llm": ("q_proj", "v_proj")},
+    )
+    projection = None
+
+    def matches(self, config) -> bool:
+        return config.model_type == "llava"
+
+    def image_features(self, model, pixel_values: torch.Tensor, instruction_ids=None) -> torch.Tensor:
+        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.stack(list(out.pooler_output))
+
+    def decoder(self, model) -> torch.nn.Module:
+        return model.model.language_model
+
+    def head(self, model) -> torch.nn.Module:
+        return model.lm_head
+
+    def embed_tokens(self, model) -> torch.nn.Module:
+        return model.get_input_embeddings()
+
+    def n_image_tokens(self, model) -> int:
+        vc = model.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n + (1 if model.config.vision_feature_select_strategy == "full" else 0)
+
+    def image_token_id(self, model) -> int:
+        return model.config.image_token_id
+
+    def image_size(self, model) -> int:
+        return model.config.vision_config.image_size
+
+    def text_config(self, model):
+        return model.config.text_config
+
+
+FAMILY = LlavaFamily()

@@ -1,0 +1,264 @@
+"""Recipes: TOML files validated against dataclasses before any work starts.
+
+Every problem is collected into one `RecipeError`, each line naming the file, the key, what was expected
+and the fix; an unknown key suggests the nearest valid one. `key=value` overrides from the CLI are
+applied to the parsed TOML before validation, so they are checked the same way.
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+
+class RecipeError(ValueError):
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"recipe {source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def doc(text: str, default=MISSING, factory=MISSING):
+    kw = {"default": default} if factory is MISSING else {"default_factory": factory}
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RunSection:
+    name: str = doc("run name; the run directory is runs/<name> unless output_dir is set", "run")
+    output_dir: str = doc("where the run directory goes", "")
+    adapter: str = doc("name of the task adapter this run writes (default: the run name)", "")
+    seed: int = doc("seed for weights, data order and dropout", 0)
+
+
+@dataclass
+class ModelSection:
+    base: str = doc("builtin:tiny | builtin:smol | a local HF directory | a hub id; init:tiny|smol = untrained", "builtin:tiny")
+    system: str = doc("system prompt of every conversation", "You look at one image and answer briefly.")
+
+
+@dataclass
+class LoraSection:
+    r: int = doc("LoRA rank; higher adapts more and costs more", 8)
+    alpha: float = doc("LoRA scale numerator (scale = alpha / r)", 16.0)
+    dropout: float = doc("dropout on the LoRA input", 0.05)
+    llm: list[str] = doc("LLM module leaf names to adapt; [] leaves the LLM frozen", factory=lambda: ["q_proj", "v_proj"])
+    bridge: list[str] = doc("Q-Former/projector leaf names to adapt; [] leaves it frozen", factory=lambda: ["query", "value"])
+    vision: list[str] = doc("vision tower leaf names to adapt; [] (default) leaves it frozen", factory=list)
+
+
+@dataclass
+class SoftPromptSection:
+    tokens: int = doc("learned prompt vectors before the image; 0 = none", 0)
+    lr: float = doc("learning rate of the soft prompt's own optimizer group", 1e-2)
+
+
+@dataclass
+class TaskSection:
+    name: str = doc("task name: caption | vqa | your own", "")
+    kind: str = doc("caption | vqa", "")
+    ratio: float = doc("share of training samples drawn from this task (normalised over tasks)", 1.0)
+    instruction: str = doc("instruction text; default depends on kind", "")
+    jsonl: str = doc("unified instruction JSONL (image_path, instruction, input, output, task) for training", "")
+    captions: str = doc("COCO captions JSON (captions_*.json) for training", "")
+    questions: str = doc("VQAv2 questions JSON for training", "")
+    annotations: str = doc("VQAv2 annotations JSON for training", "")
+    images: str = doc("image folder for training files", "")
+    eval_captions: str = doc("held-out COCO captions JSON", "")
+    eval_questions: str = doc("held-out VQAv2 questions JSON", "")
+    eval_annotations: str = doc("held-out VQAv2 annotations JSON", "")
+    eval_images: str = doc("held-out image folder", "")
+    max_eval: int = doc("held-out examples evaluated per task", 200)
+
+
+@dataclass
+class DataSection:
+    source: str = doc("builtin:shapes generates the task files; 'files' uses each task's paths", "builtin:shapes")
+    train_images: int = doc("builtin:shapes training images", 2000)
+    eval_images: int = doc("builtin:shapes held-out images (disjoint from training)", 200)
+    image_size: int = doc("builtin:shapes image side in pixels", 64)
+    max_pixels: int = doc("refuse images above this many pixels", 40_000_000)
+
+
+@dataclass
+class TrainSection:
+    method: str = doc("lora (adapters on a frozen base) | full (train `parts` fully; writes a base)", "lora")
+    parts: list[str] = doc("with method=full: which of vision, bridge, llm train", factory=lambda: ["vision", "bridge", "llm"])
+    steps: int = doc("optimizer steps", 300)
+    batch_size: int = doc("examples per micro-batch", 16)
+    grad_accum: int = doc("micro-batches per optimizer step", 1)
+    lr: float = doc("peak learning rate", 1e-3)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    warmup_steps: int = doc("linear warm-up steps before the cosine decay", 20)
+    eval_every: int = doc("validate every N steps (0 = only at the end)", 0)
+    checkpoint_every: int = doc("checkpoint every N steps (0 = never)", 100)
+    max_new_tokens: int = doc("generation length at evaluation", 24)
+    log_every: int = doc("write metrics.jsonl every N steps", 10)
+    eval_base: bool = doc("also evaluate the base without the adapter, for the comparison", True)
+
+
+@dataclass
+class Recipe:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    soft_prompt: SoftPromptSection = field(default_factory=SoftPromptSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    tasks: list[TaskSection] = field(default_factory=list)
+    source: str = "<recipe>"
+
+    @property
+    def adapter_name(self) -> str:
+        return self.run.adapter or self.run.name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.run.name}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+
+TASK_KINDS = ("caption", "vqa")
+SECTION_TYPES = {f.name: f.type for f in fields(Recipe) if f.name != "source"}
+
+
+def _expected(tp) -> str:
+    return {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+            "list[str]": "a list of strings"}.get(tp if isinstance(tp, str) else tp.__name__, str(tp))
+
+
+def _check_value(value, tp: str) -> bool:
+    if tp == "bool":
+        return isinstance(value, bool)
+    if tp == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp == "str":
+        return isinstance(value, str)
+    if tp == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return True
+
+
+def _build(cls, raw: dict, where: str, problems: list[str]):
+    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean `{where}{near[0]}`?" if near else f"valid keys: {', '.join(known)}"
+            problems.append(f"`{where}{key}`: unknown key; {hint}")
+            continue
+        tp = known[key].type
+        if not _check_value(value, tp):
+            problems.append(f"`{where}{key}`: expected {_expected(tp)}, got {value!r}; "
+                            f"{known[key].metadata.get('help', '')}")
+            continue
+        kwargs[key] = float(value) if tp == "float" else value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`train.lr=3e-4` -> (['train', 'lr'], 0.0003); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise RecipeError("overrides", [f"`{text}`: expected key=value, e.g. train.steps=100"])
+    key, value = text.split("=", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[path[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.toml")) \
+            if (Path(__file__).parents[1] / "recipes").is_dir() else []
+        raise RecipeError(str(path), [f"file not found; shipped recipes: {', '.join(shipped) or 'see recipes/'}"])
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(str(path), [f"not valid TOML: {e}; fix the syntax at that line"]) from e
+    return recipe_from_dict(apply_overrides(raw, list(overrides)), str(path))
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
+    problems: list[str] = []
+    sections = {}
+    for key, value in raw.items():
+        if key not in SECTION_TYPES:
+            near = difflib.get_close_matches(key, SECTION_TYPES, n=1)
+            problems.append(f"`{key}`: unknown section; " + (f"did you mean `[{near[0]}]`?" if near else
+                                                            f"sections: {', '.join(SECTION_TYPES)}"))
+        elif key == "tasks":
+            if not isinstance(value, list):
+                problems.append("`tasks`: expected [[tasks]] tables")
+                continue
+            sections["tasks"] = [_build(TaskSection, t, f"tasks[{i}].", problems) for i, t in enumerate(value)]
+        elif not isinstance(value, dict):
+            problems.append(f"`{key}`: expected a [{key}] table, got {value!r}")
+        else:
+            cls = typing.get_type_hints(Recipe)[key]
+            sections[key] = _build(cls, value, f"{key}.", problems)
+    recipe = Recipe(**sections, source=source)
+    problems += semantic_problems(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def semantic_problems(r: Recipe) -> list[str]:
+    p = []
+    t = r.train
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(t, name) < 1:
+            p.append(f"`train.{name}`: expected at least 1, got {getattr(t, name)}")
+    if t.lr <= 0:
+        p.append(f"`train.lr`: expected a positive learning rate, got {t.lr}; try 1e-3 for LoRA")
+    if t.method not in ("lora", "full"):
+        p.append(f"`train.method`: expected lora or full, got {t.method!r}")
+    for part in t.parts:
+        if part not in ("vision", "bridge", "llm"):
+            p.append(f"`train.parts`: unknown part {part!r}; parts: vision, bridge, llm")
+    if t.method == "lora" and not (r.lora.llm or r.lora.bridge or r.lora.vision or r.soft_prompt.tokens):
+        p.append("`lora`: llm, bridge and vision are all empty and there is no soft prompt: nothing would train")
+    if r.lora.r < 1:
+        p.append(f"`lora.r`: expected a rank of at least 1, got {r.lora.r}")
+    if not 0 <= r.lora.dropout < 1:
+        p.append(f"`lora.dropout`: expected 0 <= dropout < 1, got {r.lora.dropout}")
+    if r.soft_prompt.tokens < 0:
+        p.append(f"`soft_prompt.tokens`: expected 0 or more, got {r.soft_prompt.tokens}")
+    if not r.tasks:
+        p.append("`tasks`: no [[tasks]] table; add one with name and kind (caption or vqa)")
+    names = [task.name for task in r.tasks]
+    for i, task in enumerate(r.tasks):
+        if task.kind not in TASK_KINDS:
+            p.append(f"`tasks[{i}].kind`: expected one of {', '.join(TASK_KINDS)}, got {task.kind!r}")
+        if not task.name:
+            p.append(f"`tasks[{i}].name`: missing; name the task (e.g. {task.kind or 'vqa'})")
+        if task.ratio <= 0:
+            p.append(f"`tasks[{i}].ratio`: expected a positive share, got {task.ratio}")
+        if r.data.source == "files" and not (task.jsonl or task.captions or task.questions):
+            p.append(f"`tasks[{i}]`: data.source is 'files' but the task names no jsonl, captions or questions file")
+    if len(set(names)) != len(names):
+        p.append(f"`tasks`: task names must be unique, got {names}")
+    if r.data.source not in ("builtin:shapes", "files"):
+        p.append(f"`data.source`: expected builtin:shapes or files, got {r.data.source!r}")
+    return p

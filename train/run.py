@@ -1,0 +1,46 @@
+"""The train command's flow around the Trainer: run, then say where the run is and how it scored."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mmagent.train.report import primary
+
+
+def score_table(results: dict) -> Table:
+    table = Table(title="held-out scores")
+    for col in ("task", "metric", "adapter", "base", "gain"):
+        table.add_column(col)
+    for task, m in results["adapter"].items():
+        key, value = primary(m)
+        base = results.get("base", {}).get(task)
+        b = primary(base)[1] if base else None
+        table.add_row(task, key, f"{value:.1f}", "" if b is None else f"{b:.1f}",
+                      "" if b is None else f"{value - b:+.1f}")
+    return table
+
+
+def run_recipe(recipe, resume: bool, console: Console) -> dict:
+    from mmagent.train.trainer import Trainer
+    results = Trainer(recipe, resume=resume, console=console).run()
+    console.print(score_table(results))
+    where = recipe.run_dir / ("adapters/" + recipe.adapter_name if recipe.train.method == "lora" else "model")
+    console.print(f"run directory: [bold]{recipe.run_dir}[/]  ({where}, report.md, metrics.jsonl)")
+    return results
+
+
+def evaluate_run(run_dir: Path, with_base: bool, console: Console) -> dict:
+    from mmagent.train.recipe import recipe_from_dict
+    from mmagent.train.trainer import Trainer
+    raw = json.loads((Path(run_dir) / "recipe.json").read_text())
+    recipe = recipe_from_dict(raw, str(run_dir / "recipe.json"))
+    trainer = Trainer(recipe, resume=True, console=console)
+    trainer.setup()
+    results = {"adapter": trainer.evaluate(True)}
+    if with_base:
+        results["base"] = trainer.evaluate(False)
+    console.print(score_table(results))
+    return results

@@ -1,0 +1,263 @@
+"""The training recipe runner: setup -> train -> evaluate -> save. One class, read top to bottom.
+
+    mmagent train recipes/vqa.toml [--resume] [train.steps=100 ...]
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mmagent.files import atomic_write_json
+from mmagent.images import ImageError, load_image
+from mmagent.train import adapters as ad
+from mmagent.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from mmagent.train.data.records import DataError
+from mmagent.train.data.stream import TaskMixture
+from mmagent.train.data.tasks import check_images_exist, eval_subset, task_records
+from mmagent.train.evaluate import evaluate_tasks
+from mmagent.train.recipe import Recipe
+from mmagent.train.vlm import VLM
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: bool = False, console: Console | None = None):
+        self.recipe, self.resume = recipe, resume
+        self.console = console or Console()
+        self.run_dir = recipe.run_dir
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.skipped: list[str] = []
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        r = self.recipe
+        self._check_run_dir()
+        torch.manual_seed(r.run.seed)
+        self.train_records = {t.name: task_records(t, r.data, "train") for t in r.tasks}
+        self.eval_records = {t.name: eval_subset(task_records(t, r.data, "eval"), t.kind, t.max_eval)
+                             for t in r.tasks}
+        for name, recs in {**self.train_records, **{f"{k} (eval)": v for k, v in self.eval_records.items()}}.items():
+            check_images_exist(recs, name)
+        self._check_disjoint()
+        model, tokenizer, image_processor, self.base = self._load_base()
+        self.vlm = VLM(model, tokenizer, image_processor, r.model.system)
+        self._make_trainable()
+        self.vlm.model.to(self.device)
+        self.soft_prompt = None
+        if r.soft_prompt.tokens:
+            embed = self.vlm.family.embed_tokens(self.vlm.base_model)
+            self.soft_prompt = ad.SoftPrompt(embed, r.soft_prompt.tokens, r.run.seed).to(self.device)
+        self.params = {n: p for n, p in self.vlm.model.named_parameters() if p.requires_grad}
+        groups = [{"params": list(self.params.values()), "lr": r.train.lr}]
+        if self.soft_prompt is not None:
+            self.params["soft_prompt.vectors"] = self.soft_prompt.vectors
+            groups.append({"params": [self.soft_prompt.vectors], "lr": r.soft_prompt.lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=r.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(r.train.warmup_steps, r.train.steps))
+        self.mixture = TaskMixture(self.train_records, {t.name: t.ratio for t in r.tasks}, r.run.seed)
+        self.step, self.position = 0, 0
+        if self.resume:
+            self._resume()
+        self._print_trainable()
+
+    def _check_run_dir(self) -> None:
+        if self.run_dir.exists() and not self.resume and checkpoints(self.run_dir):
+            raise FileExistsError(f"run directory `{self.run_dir}` already has checkpoints; pass --resume to "
+                                  f"continue it or set run.output_dir=<new dir> (or delete it) to start over")
+
+    def _check_disjoint(self) -> None:
+        for t in self.recipe.tasks:
+            train = {r["image_path"] for r in self.train_records[t.name]}
+            overlap = train & {r["image_path"] for r in self.eval_records[t.name]}
+            if overlap:
+                raise DataError(f"task `{t.name}`: {len(overlap)} held-out image(s) also in training, e.g. "
+                                f"`{next(iter(overlap))}`; held-out splits must use other images")
+
+    def _load_base(self):
+        ref = self.recipe.model.base
+        if ref.startswith("init:"):
+            from mmagent.train.builtin import init_base
+            model, tok, proc = init_base(ref.removeprefix("init:"), seed=self.recipe.run.seed)
+            from mmagent.train.base import Base
+            return model, tok, proc, Base(ref, Path("."), "untrained")
+        from mmagent.train.base import load, resolve
+        base = resolve(ref, quiet=False)
+        return (*load(base), base)
+
+    def _make_trainable(self) -> None:
+        r, vlm = self.recipe, self.vlm
+        if r.train.method == "full":
+            for n, p in vlm.model.named_parameters():
+                p.requires_grad_(ad.part_of(n, vlm.family) in r.train.parts
+                                 or (ad.part_of(n, vlm.family) == "other" and "bridge" in r.train.parts))
+            return
+        vlm.model = ad.inject_lora(vlm.model, vlm.family, r.lora, r.adapter_name)
+
+    def _print_trainable(self) -> None:
+        table = Table(title=f"trainable parameters ({self.recipe.train.method})")
+        for col in ("component", "trainable", "total", "%"):
+            table.add_column(col, justify="right" if col != "component" else "left")
+        for name, trainable, total in ad.trainable_table(self.vlm.model, self.vlm.family, self.soft_prompt):
+            table.add_row(name, f"{trainable:,}", f"{total:,}", f"{100 * trainable / total:.2f}")
+        self.console.print(table)
+
+    def _resume(self) -> None:
+        found = checkpoints(self.run_dir)
+        if not found:
+            self.console.print(f"[yellow]no checkpoint in {self.run_dir}; starting from step 0")
+            return
+        step, path = found[-1]
+        state = load_checkpoint(path, self.params, self.optimizer, self.scheduler)
+        self.step, self.position = state["step"], state["position"]["example"]
+        self.skipped = state["position"].get("skipped", [])
+        self._truncate_metrics(self.step)
+        self.console.print(f"resumed from {path} (step {self.step})")
+
+    # ---- training ------------------------------------------------------------------------------
+    def next_batch(self, stream) -> dict:
+        t = self.recipe.train
+        n_soft = self.recipe.soft_prompt.tokens
+        encoded, images = [], []
+        while len(images) < t.batch_size:
+            k, rec = next(stream)
+            self.position = k + 1
+            try:
+                images.append(load_image(rec["image_path"], self.recipe.data.max_pixels))
+            except ImageError as e:
+                self.skipped.append(str(e))
+                continue
+            encoded.append(self.vlm.encode(rec["instruction"], rec["input"], rec["output"], n_soft))
+        return self.collate(encoded, images)
+
+    def collate(self, encoded, images) -> dict:
+        n = max(len(e.input_ids) for e in encoded)
+        pad = self.vlm.tokenizer.pad_token_id or 0
+        ids = torch.tensor([e.input_ids + [pad] * (n - len(e.input_ids)) for e in encoded])
+        labels = torch.tensor([e.labels + [-100] * (n - len(e.labels)) for e in encoded])
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (n - len(e.input_ids)) for e in encoded])
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": self.vlm.pixels(images)}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def train_step(self, stream) -> float:
+        t = self.recipe.train
+        total = 0.0
+        for _ in range(t.grad_accum):
+            batch = self.next_batch(stream)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                sp = self.soft_prompt() if self.soft_prompt is not None else None
+                loss = self.vlm.loss(batch, sp) / t.grad_accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def train(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        t = self.recipe.train
+        self.vlm.model.train()
+        stream = self.mixture.batches(self.position, t.batch_size)
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.2e} {task.fields[sps]:.0f} samples/s"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            bar = progress.add_task(f"train {self.recipe.run.name}", total=t.steps, completed=self.step,
+                                    loss=float("nan"), lr=0.0, sps=0.0)
+            while self.step < t.steps:
+                start = time.perf_counter()
+                loss = self.train_step(stream)
+                self.step += 1
+                sps = t.batch_size * t.grad_accum / (time.perf_counter() - start)
+                lr = self.scheduler.get_last_lr()[0]
+                progress.update(bar, completed=self.step, loss=loss, lr=lr, sps=sps)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self._log({"step": self.step, "loss": loss, "lr": lr, "samples_per_s": sps})
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self.save_checkpoint()
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    self._log({"step": self.step, "eval": self.evaluate()})
+        if self.skipped:
+            self.console.print(f"[yellow]skipped {len(self.skipped)} unreadable image(s); first: {self.skipped[0]}")
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler,
+                        {"example": self.position, "skipped": self.skipped})
+
+    # ---- evaluation and output -----------------------------------------------------------------
+    def evaluate(self, with_adapter: bool = True) -> dict:
+        sp = self.soft_prompt() if (self.soft_prompt is not None and with_adapter) else None
+        with torch.random.fork_rng(devices=[]):
+            self.vlm.model.eval()
+            if with_adapter or not hasattr(self.vlm.model, "disable_adapter"):
+                result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records, sp,
+                                        self.recipe.train.max_new_tokens, self.device)
+            else:
+                with self.vlm.model.disable_adapter():
+                    result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records, None,
+                                            self.recipe.train.max_new_tokens, self.device)
+            self.vlm.model.train()
+        return result
+
+    def _log(self, entry: dict) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def finish(self) -> dict:
+        """Evaluate adapter and base, write the adapter (or the full model) and the results."""
+        r = self.recipe
+        results = {"adapter": self.evaluate(True)}
+        if r.train.method == "lora" and r.train.eval_base:
+            results["base"] = self.evaluate(False)
+        results["skipped_images"] = len(self.skipped)
+        meta = {"task": r.adapter_name, "tasks": [t.name for t in r.tasks], "base_ref": self.base.ref,
+                "base_fingerprint": self.base.fingerprint, "family": self.vlm.family.name,
+                "parts": {p: getattr(r.lora, p) for p in ad.PARTS if getattr(r.lora, p)},
+                "soft_prompt_tokens": r.soft_prompt.tokens, "system": r.model.system}
+        if r.train.method == "lora":
+            ad.save_adapter(self.vlm.model, r.adapter_name, self.run_dir / "adapters" / r.adapter_name,
+                            self.soft_prompt, meta)
+        else:
+            self.save_full_model()
+        atomic_write_json(self.run_dir / "recipe.json", r.to_dict())
+        atomic_write_json(self.run_dir / "base.json", {"ref": self.base.ref, "fingerprint": self.base.fingerprint,
+                                                       "path": str(self.base.path)})
+        atomic_write_json(self.run_dir / "results.json", results)
+        from mmagent.train.report import write_report
+        write_report(self.run_dir, results)
+        return results
+
+    def save_full_model(self) -> None:
+        from mmagent.files import atomic_dir
+        with atomic_dir(self.run_dir / "model", force=True) as tmp:
+            self.vlm.model.save_pretrained(tmp)
+            self.vlm.tokenizer.save_pretrained(tmp)
+            self.vlm.image_processor.save_pretrained(tmp)
+
+    def run(self) -> dict:
+        self.setup()
+        self.train()
+        return self.finish()

@@ -1,0 +1,147 @@
+"""One vision-language model at run time: prompt building, image embedding, answer-only loss, greedy decoding.
+
+The trainer, the evaluator and the SDK's torch backend all go through this, so a prompt is built one
+way everywhere. Soft-prompt vectors ride in front of the image features: the user turn holds
+`n_soft + n_image` placeholder tokens and the concatenated vectors fill them in order (the edge backend
+feeds the same vectors to llama.cpp as one embedding batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmagent.train.families import family_for
+
+DEFAULT_SYSTEM = "You look at one image and answer briefly."
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # -100 on the prompt: loss only on the answer
+
+
+def _cache_arg(decoder) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache`; the GPU image has 5.17."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+class VLM:
+    def __init__(self, model, tokenizer, image_processor, system: str = DEFAULT_SYSTEM):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.family = family_for(model)
+        self.system = system
+
+    # ---- prompts -------------------------------------------------------------------------------
+    @property
+    def base_model(self):
+        """The transformers model under any PEFT wrapper (PEFT injects LoRA in place, so it carries it)."""
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def placeholder(self, n_soft: int = 0) -> str:
+        token = self.tokenizer.convert_ids_to_tokens(self.family.image_token_id(self.base_model))
+        return token * (n_soft + self.family.n_image_tokens(self.base_model))
+
+    def prompt_text(self, instruction: str, input: str = "", n_soft: int = 0, history=()) -> str:
+        """The full prompt up to where the assistant starts answering. `history`: earlier (user, answer) turns."""
+        user = instruction + (("\n" + input) if input else "")
+        messages = [{"role": "system", "content": self.system}]
+        for i, (q, a) in enumerate(history):
+            messages += [{"role": "user", "content": (self.placeholder(n_soft) if i == 0 else "") + q},
+                         {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": ("" if history else self.placeholder(n_soft)) + user})
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Checkpoints without a chat template (BLIP-2 OPT) use the "Question: ... Answer:" form they were tuned on.
+        turns = "".join(f"{m['content']} " if m["role"] == "user" and not history else "" for m in messages)
+        return turns + "Answer:"
+
+    def encode(self, instruction: str, input: str, output: str | None, n_soft: int = 0) -> Encoded:
+        tok = self.tokenizer
+        prompt = tok(self.prompt_text(instruction, input, n_soft), add_special_tokens=False).input_ids
+        if output is None:
+            return Encoded(prompt, [-100] * len(prompt))
+        answer = tok(output, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        return Encoded(prompt + answer, [-100] * len(prompt) + answer)
+
+    def pixels(self, images) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt").pixel_values
+
+    # ---- forward -------------------------------------------------------------------------------
+    def image_embeds(self, pixel_values: torch.Tensor, soft_prompt: torch.Tensor | None = None,
+                     instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_soft + n_image, H): the vectors that fill the placeholders."""
+        feats = self.family.image_features(self.base_model, pixel_values, instruction_ids)
+        if soft_prompt is not None:
+            feats = torch.cat([soft_prompt.to(feats.dtype).expand(feats.shape[0], -1, -1), feats], dim=1)
+        return feats
+
+    def input_embeds(self, input_ids, pixel_values, soft_prompt=None, instruction_ids=None) -> torch.Tensor:
+        embeds = self.family.embed_tokens(self.base_model)(input_ids)
+        feats = self.image_embeds(pixel_values, soft_prompt, instruction_ids)
+        mask = (input_ids == self.family.image_token_id(self.base_model)).unsqueeze(-1)
+        if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"prompt has {int(mask.sum())} image placeholders, expected "
+                             f"{feats.shape[0] * feats.shape[1]}; build prompts with VLM.encode")
+        return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+
+    def hidden(self, inputs_embeds, attention_mask, **kw):
+        # Positions count real tokens only, so a left-padded row sees the same positions as an unpadded one.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+        return self.family.decoder(self.base_model)(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kw)
+
+    def loss(self, batch: dict, soft_prompt=None) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; logits only where labels exist (the vocab is the cost)."""
+        embeds = self.input_embeds(batch["input_ids"], batch["pixel_values"], soft_prompt,
+                                   batch.get("instruction_ids"))
+        h = self.hidden(embeds, batch["attention_mask"]).last_hidden_state
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        logits = self.family.head(self.base_model)(h[:, :-1][keep])
+        return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+    def logits(self, batch: dict, soft_prompt=None) -> torch.Tensor:
+        embeds = self.input_embeds(batch["input_ids"], batch["pixel_values"], soft_prompt,
+                                   batch.get("instruction_ids"))
+        h = self.hidden(embeds, batch["attention_mask"]).last_hidden_state
+        return self.family.head(self.base_model)(h)
+
+    # ---- decoding ------------------------------------------------------------------------------
+    def left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(map(len, seqs))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (n - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in seqs])
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int = 16, soft_prompt=None,
+                 instruction_ids=None, on_token=None) -> list[list[int]]:
+        """Greedy decoding for a batch of prompts; `on_token(step, token_ids)` streams each step."""
+        from transformers.cache_utils import DynamicCache
+        ids, mask = self.left_pad(prompts)
+        ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
+        embeds = self.input_embeds(ids, pixel_values, soft_prompt, instruction_ids)
+        cache, eos = DynamicCache(), self.tokenizer.eos_token_id
+        out = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
+        head, embed = self.family.head(self.base_model), self.family.embed_tokens(self.base_model)
+        cache_kw = {_cache_arg(self.family.decoder(self.base_model)): cache}
+        for step in range(max_new_tokens):
+            h = self.hidden(embeds, mask, use_cache=True, **cache_kw).last_hidden_state
+            nxt = head(h[:, -1]).argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                if not done[i] and t != eos:
+                    out[i].append(t)
+            done |= nxt == eos
+            if on_token:
+                on_token(step, nxt.tolist())
+            if bool(done.all()):
+                break
+            embeds = embed(nxt[:, None])
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return out
