@@ -93,6 +93,40 @@ def base_build(name: str = typer.Argument("tiny", help="tiny | smol")):
         fail(e)
 
 
+@app.command()
+def chat(image: Path = typer.Argument(..., help="the image to talk about"),
+         model: Path = typer.Option(Path("runs/vqa"), "--model", "-m", help="bundle, run or model directory"),
+         adapter: Optional[str] = typer.Option(None, help="adapter name; default: the router picks"),
+         backend: str = typer.Option("auto", help="auto | torch | edge")):
+    """Chat about an image in the terminal, answers streamed (/help for commands)."""
+    from mmagent.agent import Agent
+    from mmagent.chat import run_terminal_chat
+    try:
+        agent = Agent.load(model, backend)
+        if adapter is not None and adapter not in agent.adapters:
+            raise ValueError(f"no adapter `{adapter}`; this model has: {', '.join(agent.adapters)}")
+        run_terminal_chat(agent, image, adapter, console)
+    except USER_ERRORS as e:
+        fail(e)
+
+
+@app.command()
+def serve(model: Path = typer.Argument(..., help="bundle, run or model directory"),
+          host: str = "127.0.0.1", port: int = 8000, backend: str = "auto"):
+    """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    from mmagent.agent import Agent
+    from mmagent.server import serve as make_server
+    try:
+        server = make_server(Agent.load(model, backend), host, port)
+    except USER_ERRORS as e:
+        fail(e)
+    console.print(f"serving {model} on http://{host}:{server.server_port}/v1")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 def main() -> None:
     app()
 

@@ -42,7 +42,7 @@ def target_regex(model, family, lora_cfg) -> str:
             problems.append(f"`lora.{part}`: no Linear module named {', '.join(missing)} in the {part} "
                             f"({prefix}); available: {', '.join(available)}")
         leaves_re = "|".join(map(re.escape, leaves))
-        alternatives.append(rf"{re.escape(prefix)}\..*\.(?:{leaves_re})")
+        alternatives.append(rf"{re.escape(prefix)}\.(?:.*\.)?(?:{leaves_re})")
     if problems:
         raise AdapterError("\n".join(problems))
     return "^(?:" + "|".join(alternatives) + ")$"

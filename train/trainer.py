@@ -233,7 +233,10 @@ class Trainer:
         if r.train.method == "lora" and r.train.eval_base:
             results["base"] = self.evaluate(False)
         results["skipped_images"] = len(self.skipped)
+        from mmagent.train.data.records import default_instruction
         meta = {"task": r.adapter_name, "tasks": [t.name for t in r.tasks], "base_ref": self.base.ref,
+                "kinds": sorted({t.kind for t in r.tasks}),
+                "instructions": {t.kind: t.instruction or default_instruction(t.kind) for t in r.tasks},
                 "base_fingerprint": self.base.fingerprint, "family": self.vlm.family.name,
                 "parts": {p: getattr(r.lora, p) for p in ad.PARTS if getattr(r.lora, p)},
                 "soft_prompt_tokens": r.soft_prompt.tokens, "system": r.model.system}

@@ -13,6 +13,10 @@ CAPTION_INSTRUCTION = "Describe the image."
 VQA_INSTRUCTION = "Answer the question with a single word or number."
 
 
+def default_instruction(kind: str) -> str:
+    return CAPTION_INSTRUCTION if kind == "caption" else VQA_INSTRUCTION
+
+
 class DataError(ValueError):
     pass
 

@@ -1,0 +1,100 @@
+"""The torch backend: the base loaded once, every task adapter loaded into one PeftModel, `set_adapter`
+per request; the bridge LoRA switches with the LLM LoRA (one PEFT adapter covers both), and the soft
+prompt is picked alongside."""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from mmagent.backends import TextStream, prompt_parts
+
+
+def adapter_dirs(paths: list[Path]) -> tuple[list[Path], Path | None]:
+    """Adapter folders from run directories / adapter folders, and a plain model dir if one was given."""
+    found, model_dir = [], None
+    for p in paths:
+        if (p / "adapters").is_dir():
+            found += sorted(d for d in (p / "adapters").iterdir() if (d / "mmagent_adapter.json").exists())
+        elif (p / "mmagent_adapter.json").exists():
+            found.append(p)
+        elif (p / "config.json").exists():
+            model_dir = p
+        else:
+            raise FileNotFoundError(f"`{p}` is neither a run directory (adapters/), an adapter folder, "
+                                    "nor a model directory (config.json)")
+    return found, model_dir
+
+
+class TorchBackend:
+    def __init__(self, paths: list[Path], device: str | None = None):
+        from mmagent.agent import AdapterInfo
+        from mmagent.train import adapters as ad
+        from mmagent.train.base import Base, fingerprint, load, resolve
+        from mmagent.train.vlm import VLM
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dirs, model_dir = adapter_dirs(paths)
+        metas = {d: ad.read_adapter_meta(d) for d in dirs}
+        if model_dir is not None:
+            base = Base(str(model_dir), model_dir, fingerprint(model_dir))
+        elif metas:
+            base = resolve(next(iter(metas.values()))["base_ref"])
+        else:
+            raise FileNotFoundError(f"no adapters or model found in {', '.join(map(str, paths))}")
+        model, tokenizer, processor = load(base)
+        self.adapters, self.soft_prompts, self.instructions = {}, {}, {}
+        system = None
+        for d, meta in metas.items():
+            ad.check_base(meta, base.fingerprint, d)
+            name = meta["task"]
+            model = self._attach(model, d, name)
+            self.soft_prompts[name] = ad.load_soft_prompt(d)
+            self.instructions[name] = meta.get("instructions", {})
+            self.adapters[name] = AdapterInfo(name, tuple(meta.get("kinds", [])), tuple(meta["parts"]),
+                                              meta.get("soft_prompt_tokens", 0))
+            system = system or meta.get("system")
+        self.vlm = VLM(model.to(self.device).eval(), tokenizer, processor, **({"system": system} if system else {}))
+
+    @staticmethod
+    def _attach(model, path: Path, name: str):
+        from peft import PeftModel
+        if isinstance(model, PeftModel):
+            model.load_adapter(path, adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, path, adapter_name=name)
+
+    def _switch(self, adapter: str | None):
+        if adapter is None:
+            return self.vlm.model.disable_adapter() if self.adapters else nullcontext()
+        self.vlm.model.set_adapter(adapter)
+        return nullcontext()
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.vlm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text):
+        t0 = time.perf_counter()
+        soft = self.soft_prompts.get(adapter) if adapter else None
+        soft = soft.to(self.device) if soft is not None else None
+        instruction, text = prompt_parts(question, kind, self.instructions.get(adapter, {}))
+        n_soft = 0 if soft is None else soft.shape[1]
+        prompt = self.vlm.tokenizer(self.vlm.prompt_text(instruction, text, n_soft, history),
+                                    add_special_tokens=False).input_ids
+        pixels = self.vlm.pixels([image]).to(self.device)
+        stream, first = TextStream(self.decode, on_text), []
+
+        def on_token(step, ids):
+            first.append(time.perf_counter()) if step == 0 else None
+            if ids[0] != self.vlm.tokenizer.eos_token_id:
+                stream.push(ids[0])
+
+        with self._switch(adapter):
+            tokens = self.vlm.generate(pixels, [prompt], max_new_tokens, soft, on_token=on_token)[0]
+        end = time.perf_counter()
+        n = max(1, len(tokens) - 1)
+        return tokens, {"first_token": first[0] - t0 if first else end - t0,
+                        "tokens_per_s": n / max(1e-9, end - (first[0] if first else t0))}

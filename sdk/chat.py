@@ -1,0 +1,93 @@
+"""Chat on an image: `ChatSession` for code, `run_terminal_chat` for `mmagent chat IMAGE`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmagent.files import atomic_write_json
+from mmagent.images import ImageError, load_image
+
+HELP = ("/image PATH  change image   /adapter NAME  use an adapter (auto = router)   /adapters  list\n"
+        "/reset  forget the conversation   /save PATH  save it as JSON   /quit  leave")
+
+
+class ChatSession:
+    """Turns on one image; each answer sees the earlier turns."""
+
+    def __init__(self, agent, image, adapter: str | None = None):
+        self.agent, self.adapter = agent, adapter
+        self.history: list[tuple[str, str]] = []
+        self.set_image(image)
+
+    def set_image(self, image) -> None:
+        self.image = load_image(image)  # checked now, so a bad path fails at the command, not the next turn
+        self.image_ref = str(image) if isinstance(image, (str, Path)) else type(image).__name__
+        self.history = []
+
+    def send(self, text: str, on_text=None):
+        answer = self.agent.ask(self.image, text, self.adapter, history=self.history, on_text=on_text)
+        self.history.append((text, answer.text))
+        return answer
+
+    def reset(self) -> None:
+        self.history = []
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        atomic_write_json(path, {"image": self.image_ref, "adapter": self.adapter,
+                                 "turns": [{"user": q, "assistant": a} for q, a in self.history]})
+        return path
+
+
+def run_terminal_chat(agent, image, adapter: str | None, console, read=input) -> None:
+    session = ChatSession(agent, image, adapter)
+    console.print(f"chatting about [bold]{image}[/]; adapters: {', '.join(agent.adapters) or 'none'}. /help for commands")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if handle_command(session, line, console) == "quit":
+                return
+            continue
+        console.print("model> ", end="")
+        answer = session.send(line, on_text=lambda piece: console.print(piece, end="", highlight=False))
+        console.print(f"\n[dim]({answer.adapter or 'base'}: {answer.reason})[/]")
+
+
+def handle_command(session: ChatSession, line: str, console) -> str | None:
+    cmd, _, arg = line.partition(" ")
+    arg = arg.strip()
+    agent = session.agent
+    try:
+        if cmd in ("/quit", "/exit"):
+            return "quit"
+        if cmd == "/help":
+            console.print(HELP)
+        elif cmd == "/adapters":
+            for name in agent.adapters:
+                info = agent.adapter_info(name)
+                console.print(f"  {name}: {', '.join(info.kinds)} (adapts {', '.join(info.parts)})"
+                              + ("  [active]" if name == session.adapter else ""))
+        elif cmd == "/adapter":
+            if arg not in ("auto", *agent.adapters):
+                raise KeyError(f"no adapter `{arg}`; choose one of: auto, {', '.join(agent.adapters)}")
+            session.adapter = None if arg == "auto" else arg
+            console.print(f"adapter: {arg}")
+        elif cmd == "/image":
+            session.set_image(arg)
+            console.print(f"image: {arg} (conversation reset)")
+        elif cmd == "/reset":
+            session.reset()
+            console.print("conversation reset")
+        elif cmd == "/save":
+            console.print(f"saved to {session.save(arg or 'chat.json')}")
+        else:
+            console.print(f"[red]unknown command {cmd}[/]; {HELP}")
+    except (KeyError, ImageError, OSError) as e:
+        console.print(f"[red]error:[/] {e.args[0] if isinstance(e, KeyError) else e}")
+    return None

@@ -1,0 +1,118 @@
+"""The trainer on a micro base: adapters PEFT can load, exact resume after kill -9, bad input handling."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, small_recipe
+from mmagent.train.data.records import DataError
+from mmagent.train.trainer import Trainer
+
+
+def lora_recipe(tmp, base, *extra):
+    return small_recipe(tmp, f'model.base="{base}"', "data.image_size=64", *extra)
+
+
+def test_adapter_loads_in_plain_peft_and_reproduces_logits(tmp_path, micro_base):
+    trainer = Trainer(lora_recipe(tmp_path / "run", micro_base))
+    trainer.run()
+    batch = trainer.collate([trainer.vlm.encode("Answer.", "is there a circle?", "yes")],
+                            [__import__("PIL.Image").Image.new("RGB", (64, 64), (200, 30, 30))])
+    trainer.vlm.model.eval()
+    with torch.no_grad():
+        ours = trainer.vlm.logits(batch)
+
+    # a plain session: transformers + peft only, the HF forward with image placeholders
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    base = AutoModelForImageTextToText.from_pretrained(micro_base)
+    model = PeftModel.from_pretrained(base, tmp_path / "run/adapters/vqa").eval()
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      pixel_values=batch["pixel_values"]).logits
+    assert torch.allclose(ours, plain, atol=1e-4), (ours - plain).abs().max()
+    # and the adapter changed something
+    with torch.no_grad(), model.disable_adapter():
+        bare = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits
+    assert not torch.allclose(bare, plain, atol=1e-4)
+    meta = json.loads((tmp_path / "run/adapters/vqa/mmagent_adapter.json").read_text())
+    assert meta["parts"] == {"bridge": ["query", "value"], "llm": ["q_proj", "v_proj"]}
+    assert (tmp_path / "run/results.json").exists() and (tmp_path / "run/report.md").exists()
+
+
+def _train_cmd(run_dir, base, *extra):
+    from conftest import SMALL_DATA
+    return [sys.executable, str(ROOT / "cli.py"), "train", str(ROOT / "recipes/vqa.toml"),
+            f'run.output_dir="{run_dir}"', f'model.base="{base}"', *SMALL_DATA, "data.image_size=64",
+            "train.batch_size=4", "train.steps=12", "train.checkpoint_every=2", "train.warmup_steps=2",
+            "tasks.0.max_eval=2", "train.eval_base=false", *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_gives_identical_adapter(tmp_path, micro_base):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    subprocess.run(_train_cmd(tmp_path / "full", micro_base), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tmp_path / "cut", micro_base), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut/checkpoints/step-6").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut/adapters").exists()
+    again = subprocess.run(_train_cmd(tmp_path / "cut", micro_base) + ["--resume"], env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
+    a = load_file(tmp_path / "full/adapters/vqa/adapter_model.safetensors")
+    b = load_file(tmp_path / "cut/adapters/vqa/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_restart_without_resume_refuses_to_overwrite(tmp_path, micro_base):
+    (tmp_path / "run/checkpoints/step-2").mkdir(parents=True)
+    (tmp_path / "run/checkpoints/step-2/state.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(lora_recipe(tmp_path / "run", micro_base)).setup()
+
+
+def test_corrupt_image_mid_run_is_counted_and_skipped(tmp_path, micro_base):
+    trainer = Trainer(lora_recipe(tmp_path / "run", micro_base))
+    trainer.setup()
+    victim = Path(trainer.train_records["vqa"][0]["image_path"])
+    saved = victim.read_bytes()
+    try:
+        victim.write_bytes(saved[:40])
+        for recs in trainer.train_records.values():
+            for r in recs:
+                r["image_path"] = str(victim) if r is recs[0] else r["image_path"]
+        trainer.train_records["vqa"] = [trainer.train_records["vqa"][0]] * 3 + trainer.train_records["vqa"]
+        trainer.mixture.records = trainer.train_records
+        trainer.train()
+        results = trainer.finish()
+    finally:
+        victim.write_bytes(saved)
+    assert results["skipped_images"] >= 1 and str(victim.name) in trainer.skipped[0]
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    recipe = small_recipe(tmp_path, "data.source=files", f'tasks.0.questions="{tmp_path}/q.json"',
+                          f'tasks.0.annotations="{tmp_path}/a.json"', f'tasks.0.images="{tmp_path}"')
+    with pytest.raises(DataError, match=r"q.json` does not exist"):
+        Trainer(recipe).setup()
+
+
+def test_lora_on_missing_module_fails_before_training(tmp_path, micro_base):
+    recipe = lora_recipe(tmp_path / "run", micro_base, 'lora.llm=["q_proj", "attn_q"]')
+    with pytest.raises(ValueError, match=r"attn_q.*available: down_proj, gate_proj, k_proj, o_proj"):
+        Trainer(recipe).setup()
+    assert not (tmp_path / "run/checkpoints").exists()
