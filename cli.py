@@ -94,6 +94,34 @@ def base_build(name: str = typer.Argument("tiny", help="tiny | smol")):
 
 
 @app.command()
+def export(runs: list[Path] = typer.Argument(..., help="run directories (or adapter folders) on one base"),
+           out: Path = typer.Option(..., "-o", "--out", help="bundle directory to write"),
+           gguf: bool = typer.Option(False, "--gguf", help="LLM + task LoRAs as GGUF for llama.cpp"),
+           onnx: bool = typer.Option(False, "--onnx", help="vision + Q-Former + task LoRAs as ONNX"),
+           quant: list[str] = typer.Option(["f16"], "--quant", help="f16 | q8_0 | q4_k_m (repeatable)"),
+           merged: bool = typer.Option(False, "--merged", help="also write merged HF directories"),
+           force: bool = typer.Option(False, "--force", help="replace an existing bundle")):
+    """Export runs to one edge bundle that carries every adapter and checks itself against torch."""
+    from mmagent.export.bundle import export_bundle
+    if not (gguf or onnx or merged):
+        fail(ValueError("choose at least one of --gguf, --onnx, --merged (an edge bundle is --gguf --onnx)"))
+    try:
+        export_bundle(runs, out, gguf, onnx, ["f16", *[q for q in quant if q != "f16"]], merged, force, console)
+    except USER_ERRORS as e:
+        fail(e)
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="a bundle or a run directory")):
+    """Show what a bundle or run holds: components, adapters and what each adapts, sizes, self-check."""
+    from mmagent.export.info import show
+    try:
+        show(path, console)
+    except USER_ERRORS as e:
+        fail(e)
+
+
+@app.command()
 def chat(image: Path = typer.Argument(..., help="the image to talk about"),
          model: Path = typer.Option(Path("runs/vqa"), "--model", "-m", help="bundle, run or model directory"),
          adapter: Optional[str] = typer.Option(None, help="adapter name; default: the router picks"),

@@ -38,10 +38,10 @@ def evaluate_tasks(vlm, tasks, eval_records: dict, soft_prompt, max_new_tokens: 
     with torch.no_grad():
         for task in tasks:
             recs = eval_records[task.name]
-            n_tokens = VQA_MAX_NEW_TOKENS if task.kind == "vqa" else max_new_tokens
+            n_tokens = max_new_tokens if task.kind == "caption" else VQA_MAX_NEW_TOKENS
             preds = predict(vlm, recs, soft_prompt, n_tokens, device)
             ok = [(r, p) for r, p in zip(recs, preds) if p is not None]
-            if task.kind == "vqa":
+            if task.kind in ("vqa", "match"):  # matching is scored like a yes/no VQA question
                 acc = sum(vqa_accuracy(p, r["references"]) for r, p in ok) / max(1, len(ok))
                 metrics = {"vqa_accuracy": 100 * acc}
             else:

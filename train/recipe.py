@@ -57,7 +57,7 @@ class SoftPromptSection:
 @dataclass
 class TaskSection:
     name: str = doc("task name: caption | vqa | your own", "")
-    kind: str = doc("caption | vqa", "")
+    kind: str = doc("caption | vqa | match (image-text matching, yes/no)", "")
     ratio: float = doc("share of training samples drawn from this task (normalised over tasks)", 1.0)
     instruction: str = doc("instruction text; default depends on kind", "")
     jsonl: str = doc("unified instruction JSONL (image_path, instruction, input, output, task) for training", "")
@@ -123,7 +123,7 @@ class Recipe:
         return d
 
 
-TASK_KINDS = ("caption", "vqa")
+TASK_KINDS = ("caption", "vqa", "match")
 SECTION_TYPES = {f.name: f.type for f in fields(Recipe) if f.name != "source"}
 
 

@@ -28,6 +28,21 @@ def _cache_arg(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
+def chat_prompt(tokenizer, system: str, placeholder: str, instruction: str, input: str = "", history=()) -> str:
+    """The one prompt layout: system, then the image placeholders at the start of the first user turn."""
+    user = instruction + (("\n" + input) if input else "")
+    messages = [{"role": "system", "content": system}]
+    for i, (q, a) in enumerate(history):
+        messages += [{"role": "user", "content": (placeholder if i == 0 else "") + q},
+                     {"role": "assistant", "content": a}]
+    messages.append({"role": "user", "content": ("" if history else placeholder) + user})
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Checkpoints without a chat template (BLIP-2 OPT) use the "Question: ... Answer:" form they were tuned on.
+    turns = "".join(f"Question: {q} Answer: {a} " for q, a in history)
+    return f"{placeholder}{turns}Question: {user} Answer:"
+
+
 class VLM:
     def __init__(self, model, tokenizer, image_processor, system: str = DEFAULT_SYSTEM):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
@@ -47,17 +62,7 @@ class VLM:
 
     def prompt_text(self, instruction: str, input: str = "", n_soft: int = 0, history=()) -> str:
         """The full prompt up to where the assistant starts answering. `history`: earlier (user, answer) turns."""
-        user = instruction + (("\n" + input) if input else "")
-        messages = [{"role": "system", "content": self.system}]
-        for i, (q, a) in enumerate(history):
-            messages += [{"role": "user", "content": (self.placeholder(n_soft) if i == 0 else "") + q},
-                         {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": ("" if history else self.placeholder(n_soft)) + user})
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # Checkpoints without a chat template (BLIP-2 OPT) use the "Question: ... Answer:" form they were tuned on.
-        turns = "".join(f"{m['content']} " if m["role"] == "user" and not history else "" for m in messages)
-        return turns + "Answer:"
+        return chat_prompt(self.tokenizer, self.system, self.placeholder(n_soft), instruction, input, history)
 
     def encode(self, instruction: str, input: str, output: str | None, n_soft: int = 0) -> Encoded:
         tok = self.tokenizer

@@ -45,18 +45,26 @@ class TorchBackend:
         else:
             raise FileNotFoundError(f"no adapters or model found in {', '.join(map(str, paths))}")
         model, tokenizer, processor = load(base)
-        self.adapters, self.soft_prompts, self.instructions = {}, {}, {}
+        self.base = base
+        self.base_info = {"ref": base.ref, "fingerprint": base.fingerprint}
+        self.adapters, self.soft_prompts, self.instructions, self.adapter_paths = {}, {}, {}, {}
         system = None
         for d, meta in metas.items():
             ad.check_base(meta, base.fingerprint, d)
             name = meta["task"]
             model = self._attach(model, d, name)
             self.soft_prompts[name] = ad.load_soft_prompt(d)
+            self.adapter_paths[name] = d
             self.instructions[name] = meta.get("instructions", {})
             self.adapters[name] = AdapterInfo(name, tuple(meta.get("kinds", [])), tuple(meta["parts"]),
                                               meta.get("soft_prompt_tokens", 0))
             system = system or meta.get("system")
         self.vlm = VLM(model.to(self.device).eval(), tokenizer, processor, **({"system": system} if system else {}))
+
+    def fresh_base(self):
+        """Another copy of the base without adapters (exporters need plain modules)."""
+        from mmagent.train.base import load
+        return load(self.base)[0]
 
     @staticmethod
     def _attach(model, path: Path, name: str):

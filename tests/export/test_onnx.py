@@ -219,7 +219,8 @@ def test_external_data_when_over_protobuf_limit(monkeypatch, base, peft_ab, pixe
     export_vision(base, tmp_path / "vision.onnx", RANK, [QFORMER_QV])
     optimize(tmp_path / "vision.onnx", tmp_path / "vision.opt.onnx")
     assert (tmp_path / "vision.onnx.data").exists() and (tmp_path / "vision.opt.onnx.data").exists()
-    write_adapter(peft_tensors(peft_ab, "a"), ALPHA, RANK, tmp_path / "a.onnx_adapter", onnx_path=tmp_path / "vision.onnx")
+    write_adapter(peft_tensors(peft_ab, "a"), ALPHA, RANK, tmp_path / "a.onnx_adapter",
+                  onnx_path=tmp_path / "vision.onnx")
     for graph in ("vision.onnx", "vision.opt.onnx"):
         s = VisionSession(tmp_path / graph, providers=["CPUExecutionProvider"])
         s.load_adapter("a", tmp_path / "a.onnx_adapter")

@@ -11,10 +11,11 @@ from pathlib import Path
 
 CAPTION_INSTRUCTION = "Describe the image."
 VQA_INSTRUCTION = "Answer the question with a single word or number."
+MATCH_INSTRUCTION = "Does this caption describe the image? Answer yes or no."
 
 
 def default_instruction(kind: str) -> str:
-    return CAPTION_INSTRUCTION if kind == "caption" else VQA_INSTRUCTION
+    return {"caption": CAPTION_INSTRUCTION, "match": MATCH_INSTRUCTION}.get(kind, VQA_INSTRUCTION)
 
 
 class DataError(ValueError):
@@ -51,6 +52,28 @@ def coco_captions(captions_json, images_dir, task: str = "caption", instruction:
             out.append({"image_path": str(Path(images_dir) / img["file_name"]), "image_id": img["id"],
                         "instruction": instruction or CAPTION_INSTRUCTION, "input": "", "output": cap,
                         "task": task, "references": refs})
+    return out
+
+
+def caption_matching(captions_json, images_dir, task: str = "match", instruction: str = "") -> list[dict]:
+    """BLIP-2's image-text matching as instructions: a caption of this image (yes) or of another one (no).
+
+    Negatives come from the image `n // 2` places further on, a fixed pairing, so no RNG is involved.
+    """
+    records = coco_captions(captions_json, images_dir, task)
+    by_image: dict[int, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(r["image_id"], []).append(r)
+    ids = sorted(by_image)
+    out = []
+    for i, image_id in enumerate(ids):
+        other = by_image[ids[(i + max(1, len(ids) // 2)) % len(ids)]]
+        for j, r in enumerate(by_image[image_id]):
+            positive = j % 2 == 0 or len(ids) == 1
+            caption = r["output"] if positive else other[j % len(other)]["output"]
+            answer = "yes" if positive else "no"
+            out.append({**r, "instruction": instruction or MATCH_INSTRUCTION, "input": caption, "output": answer,
+                        "references": [answer] * 10})
     return out
 
 

@@ -22,6 +22,7 @@ COLUMNS = ("left", "middle", "right")
 ROWS = ("top", "middle", "bottom")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 SPLITS = {"train": "train2014", "val": "val2014"}
+WORLD_VERSION = 2  # bump when the generator's output changes, so cached worlds are rewritten
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def captions(scene: list[Shape], rng: random.Random) -> list[str]:
     out = [
         f"{listing}.",
         f"a picture of {counts}.",
-        f"{NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}: {listing}.",
+        f"{n} shape{'s' if n > 1 else ''}: {listing}.",
         f"an image with {counts} in {' and '.join(colours)}.",
         f"there {'is' if n == 1 else 'are'} {listing}.",
     ]
@@ -162,7 +163,7 @@ def write_world(root: str | Path, n_train: int = 2000, n_val: int = 200, seed: i
                 image_size: int = 64) -> Path:
     """Write train and val splits (disjoint image ids and scenes) under `root`; return `root`."""
     root = Path(root)
-    stamp = {"n_train": n_train, "n_val": n_val, "seed": seed, "image_size": image_size}
+    stamp = {"n_train": n_train, "n_val": n_val, "seed": seed, "image_size": image_size, "version": WORLD_VERSION}
     marker = root / "world.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return root

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmagent.train.data.records import DataError, coco_captions, read_jsonl, vqa_v2
+from mmagent.train.data.records import DataError, caption_matching, coco_captions, read_jsonl, vqa_v2
 
 
 def data_root() -> Path:
@@ -38,6 +38,8 @@ def task_records(task, data_cfg, split: str) -> list[dict]:
         records = read_jsonl(files["jsonl"])
     elif task.kind == "caption":
         records = coco_captions(files[pre + "captions"], files[pre + "images"], task.name, task.instruction)
+    elif task.kind == "match":
+        records = caption_matching(files[pre + "captions"], files[pre + "images"], task.name, task.instruction)
     else:
         records = vqa_v2(files[pre + "questions"], files[pre + "annotations"], files[pre + "images"],
                          task.name, task.instruction)

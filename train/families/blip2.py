@@ -32,6 +32,10 @@ class Blip2Family:
     def head(self, model) -> torch.nn.Module:
         return model.language_model.lm_head
 
+    def causal_lm(self, model) -> torch.nn.Module:
+        """The LLM with its head as one transformers causal LM: what goes to GGUF."""
+        return model.language_model
+
     def embed_tokens(self, model) -> torch.nn.Module:
         return model.get_input_embeddings()
 

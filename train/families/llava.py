@@ -28,6 +28,10 @@ class LlavaFamily:
     def head(self, model) -> torch.nn.Module:
         return model.lm_head
 
+    def causal_lm(self, model) -> torch.nn.Module:
+        raise ValueError("LLaVA's LLM is not a separate causal LM in transformers 5; GGUF export of it is not "
+                         "supported yet: export with --merged (vLLM and transformers load it) instead")
+
     def embed_tokens(self, model) -> torch.nn.Module:
         return model.get_input_embeddings()
 

@@ -1,0 +1,191 @@
+"""`mmagent export`: runs -> one edge bundle that carries every adapted part, and proves it.
+
+The LLM goes to GGUF (f16, then llama.cpp's own quantiser), each task's LLM LoRA to a GGUF adapter; the
+vision tower + Q-Former + projection to one ONNX graph whose LoRA is exposed as inputs, each task's
+bridge (and vision) LoRA to an onnxruntime adapter file; soft prompts as safetensors. Nothing adapted is
+left behind: a part that the chosen formats cannot carry is an error, not a silent drop. The bundle
+appears in one rename after the self-check passes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from mmagent.bundle import SCHEMA
+from mmagent.files import atomic_dir, atomic_write_json, sha256_file
+
+QUANTS = ("f16", "q8_0", "q4_k_m")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def lora_state(peft_model, name: str) -> dict:
+    from peft import get_peft_model_state_dict
+    return get_peft_model_state_dict(peft_model, adapter_name=name)
+
+
+def split_parts(state: dict, family) -> tuple[dict, dict]:
+    """(LLM LoRA tensors, image-path LoRA tensors: vision tower, bridge, projection)."""
+    llm = "base_model.model." + family.parts.llm + "."
+    llm_part = {k: v for k, v in state.items() if k.startswith(llm)}
+    return llm_part, {k: v for k, v in state.items() if k not in llm_part}
+
+
+def image_lora_modules(image_state: dict) -> list[str]:
+    return sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in image_state})
+
+
+def check_carried(backend, gguf: bool, onnx: bool, merged: bool) -> None:
+    """Refuse an export that would lose an adapted part."""
+    problems = []
+    for name, info in backend.adapters.items():
+        llm_part, image_part = split_parts(lora_state(backend.vlm.model, name), backend.vlm.family)
+        if llm_part and not (gguf or merged):
+            problems.append(f"adapter `{name}` adapts the LLM: add --gguf (or --merged)")
+        if image_part and not (onnx or merged):
+            problems.append(f"adapter `{name}` adapts {', '.join(p for p in info.parts if p != 'llm')}: "
+                            "add --onnx (or --merged) so it is carried")
+    if problems:
+        raise ExportError("nothing adapted may be dropped:\n  " + "\n  ".join(problems))
+
+
+def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = True, quants=("f16",),
+                  merged: bool = False, force: bool = False, console=None) -> dict:
+    from mmagent.backends.torch import TorchBackend
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"`{out}` already exists; pass --force to replace it")
+    for q in quants:
+        if q not in QUANTS:
+            raise ExportError(f"unknown quantisation `{q}`; choose from {', '.join(QUANTS)}")
+    say = console.print if console else (lambda *a, **k: None)
+    start = time.perf_counter()
+    backend = TorchBackend(runs, device="cpu")
+    check_carried(backend, gguf, onnx, merged)
+    manifest = {"schema": SCHEMA, "family": backend.vlm.family.name, "base": backend.base_info,
+                "prompt": prompt_info(backend), "llm": {}, "vision": {}, "adapters": {}}
+    with atomic_dir(out, force=force) as tmp:
+        if gguf:
+            write_gguf_parts(backend, tmp, quants, manifest, say)
+        if onnx:
+            write_onnx_parts(backend, tmp, manifest, say)
+        write_adapter_meta(backend, tmp, manifest)
+        if merged:
+            write_merged(backend, tmp, manifest, say)
+        write_tokenizer(backend, tmp)
+        manifest["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        if gguf and onnx:
+            from mmagent.export.selfcheck import self_check
+            say("self-check: torch model against the bundle ...")
+            manifest["selfcheck"] = self_check(backend, tmp, manifest)
+        manifest["export_seconds"] = round(time.perf_counter() - start, 1)
+        atomic_write_json(tmp / "manifest.json", manifest)
+    say(f"bundle written to [bold]{out}[/] in {manifest['export_seconds']} s")
+    return manifest
+
+
+def prompt_info(backend) -> dict:
+    vlm = backend.vlm
+    model = vlm.base_model
+    processor = vlm.image_processor
+    return {"system": vlm.system, "chat_template": vlm.tokenizer.chat_template,
+            "image_token": vlm.tokenizer.convert_ids_to_tokens(vlm.family.image_token_id(model)),
+            "n_image_tokens": vlm.family.n_image_tokens(model), "eos_token_id": vlm.tokenizer.eos_token_id,
+            "bos_token": vlm.tokenizer.bos_token, "eos_token": vlm.tokenizer.eos_token,
+            "image": {"size": vlm.family.image_size(model), "mean": list(processor.image_mean),
+                      "std": list(processor.image_std), "resample": int(getattr(processor, "resample", 3))}}
+
+
+def write_gguf_parts(backend, tmp: Path, quants, manifest: dict, say) -> None:
+    from mmagent.export.gguf.writer import check_llama_cpp_support, quantize, write_llm_gguf, write_lora_gguf
+    family = backend.vlm.family
+    base = backend.fresh_base()
+    causal_lm = family.causal_lm(base)
+    check_llama_cpp_support(causal_lm.config)
+    say("GGUF: LLM f16 ...")
+    write_llm_gguf(causal_lm, backend.vlm.tokenizer, tmp / "llm.f16.gguf", backend.vlm.tokenizer.chat_template)
+    manifest["llm"]["f16"] = "llm.f16.gguf"
+    for q in quants:
+        if q != "f16":
+            say(f"GGUF: quantising to {q} with llama.cpp ...")
+            quantize(tmp / "llm.f16.gguf", tmp / f"llm.{q}.gguf", q)
+            manifest["llm"][q] = f"llm.{q}.gguf"
+    prefix = "base_model.model." + family.parts.llm + ".model."
+    for name in backend.adapters:
+        llm_part, _ = split_parts(lora_state(backend.vlm.model, name), family)
+        if llm_part:
+            cfg = backend.vlm.model.peft_config[name]
+            (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
+            write_lora_gguf(llm_part, cfg.lora_alpha, tmp / "adapters" / name / "llm.lora.gguf",
+                            config=causal_lm.config, prefix=prefix)
+    del base
+
+
+def write_onnx_parts(backend, tmp: Path, manifest: dict, say) -> None:
+    from mmagent.export.onnx.vision import export_vision, optimize, write_adapter
+    states = {n: split_parts(lora_state(backend.vlm.model, n), backend.vlm.family)[1] for n in backend.adapters}
+    modules = sorted({m for s in states.values() for m in image_lora_modules(s)})
+    ranks = [backend.vlm.model.peft_config[n].r for n, s in states.items() if s]
+    say(f"ONNX: vision + bridge with LoRA inputs on {len(modules)} modules ...")
+    raw = tmp / "vision.raw.onnx"
+    export_vision(backend.fresh_base(), raw, max(ranks) if modules else None, [re.escape(m) for m in modules])
+    fusions = optimize(raw, tmp / "vision.onnx", fp16_path=tmp / "vision.fp16.onnx")
+    raw.unlink()
+    manifest["vision"] = {"fp32": "vision.onnx", "fp16": "vision.fp16.onnx", "fusions": fusions,
+                          "lora_modules": modules}
+    for name, state in states.items():
+        if state:
+            cfg = backend.vlm.model.peft_config[name]
+            (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
+            write_adapter(state, cfg.lora_alpha, max(ranks), tmp / "adapters" / name / "bridge.onnx_adapter",
+                          onnx_path=tmp / "vision.onnx")
+
+
+def write_adapter_meta(backend, tmp: Path, manifest: dict) -> None:
+    from safetensors.torch import save_file
+    for name, info in backend.adapters.items():
+        folder = tmp / "adapters" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {k: f"adapters/{name}/{f}" for k, f in (("llm", "llm.lora.gguf"), ("bridge", "bridge.onnx_adapter"))
+                 if (folder / f).exists()}
+        soft = backend.soft_prompts.get(name)
+        if soft is not None:
+            save_file({"vectors": soft[0].contiguous()}, folder / "soft_prompt.safetensors")
+            files["soft_prompt"] = f"adapters/{name}/soft_prompt.safetensors"
+        manifest["adapters"][name] = {"kinds": list(info.kinds), "parts": list(info.parts),
+                                      "soft_prompt_tokens": info.soft_prompt_tokens,
+                                      "instructions": backend.instructions.get(name, {}), "files": files}
+
+
+def write_merged(backend, tmp: Path, manifest: dict, say) -> None:
+    """One merged HF directory per adapter (LoRA folded into LLM and Q-Former): plain transformers loads it."""
+    from mmagent.export.merge import merge_adapter
+    manifest["merged"] = {}
+    for name in backend.adapters:
+        say(f"merged: {name} ...")
+        merge_adapter(backend, name, tmp / "merged" / name)
+        manifest["merged"][name] = f"merged/{name}"
+
+
+def write_tokenizer(backend, tmp: Path) -> None:
+    backend.vlm.tokenizer.save_pretrained(tmp / "tokenizer")
+    backend.vlm.image_processor.save_pretrained(tmp / "tokenizer")
+
+
+def describe(path: Path) -> dict:
+    """What `mmagent info` shows for a bundle or a run directory."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        m = json.loads((path / "manifest.json").read_text())
+        sizes = {rel: (path / rel).stat().st_size for rel in m["files"] if (path / rel).exists()}
+        return {"kind": "bundle", "manifest": m, "sizes": sizes}
+    if (path / "adapters").is_dir() or (path / "results.json").exists():
+        adapters = {d.name: json.loads((d / "mmagent_adapter.json").read_text())
+                    for d in sorted((path / "adapters").glob("*")) if (d / "mmagent_adapter.json").exists()}
+        results = json.loads((path / "results.json").read_text()) if (path / "results.json").exists() else {}
+        return {"kind": "run", "adapters": adapters, "results": results}
+    raise FileNotFoundError(f"`{path}` is neither a bundle (manifest.json) nor a run directory (adapters/)")

@@ -1,0 +1,105 @@
+"""The edge backend: llama.cpp for the LLM, onnxruntime for vision + Q-Former, no torch at run time.
+
+Every adapter is loaded once. A request activates the task's GGUF LoRA (`llama_set_adapters_lora`, which
+also clears the KV cache of the previous adapter's prompt) and its onnxruntime adapter (per run, through
+RunOptions); its soft prompt rows go in front of the image rows in one embedding batch.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmagent.backends import TextStream, prompt_parts
+from mmagent.bundle import read_manifest, verify
+
+
+class ChatTemplate:
+    """Renders the bundle's chat template the way transformers does, without loading a tokenizer."""
+
+    def __init__(self, prompt: dict):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        self.chat_template = prompt["chat_template"]
+        self.special = {"bos_token": prompt.get("bos_token"), "eos_token": prompt.get("eos_token")}
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._template = env.from_string(self.chat_template) if self.chat_template else None
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+
+
+def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
+    """Resize, rescale and normalise as BLIP's image processor does: (1, 3, S, S) float32."""
+    size = spec["size"]
+    arr = np.asarray(image.convert("RGB").resize((size, size), resample=spec.get("resample", 3)), dtype=np.float32)
+    arr = (arr / 255.0 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    return arr.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+class EdgeBackend:
+    def __init__(self, bundle, quant: str = "f16", vision: str = "fp32", n_threads: int | None = None,
+                 n_gpu_layers: int = 0, providers=None, manifest: dict | None = None):
+        from mmagent.agent import AdapterInfo
+        from mmagent.export.gguf.runtime import LlamaCppLM
+        from mmagent.export.onnx.vision import VisionSession
+        self.bundle = Path(bundle)
+        self.manifest = manifest or read_manifest(self.bundle)
+        m = self.manifest
+        if quant not in m["llm"]:
+            raise ValueError(f"bundle has no `{quant}` LLM; it has: {', '.join(m['llm'])}")
+        needed = [m["llm"][quant], m["vision"][vision]] + [f for a in m["adapters"].values() for f in a["files"].values()]
+        verify(self.bundle, m, needed)
+        self.llm = LlamaCppLM(self.bundle / m["llm"][quant], n_ctx=1024, n_threads=n_threads,
+                              n_gpu_layers=n_gpu_layers)
+        self.vision = VisionSession(self.bundle / m["vision"][vision], providers)
+        self.prompt, self.template = m["prompt"], ChatTemplate(m["prompt"])
+        self.adapters, self.soft_prompts, self.has = {}, {}, {}
+        for name, a in m["adapters"].items():
+            files = a["files"]
+            if "llm" in files:
+                self.llm.load_adapter(name, self.bundle / files["llm"])
+            if "bridge" in files:
+                self.vision.load_adapter(name, self.bundle / files["bridge"])
+            if "soft_prompt" in files:
+                from safetensors.numpy import load_file
+                self.soft_prompts[name] = load_file(self.bundle / files["soft_prompt"])["vectors"].astype(np.float32)
+            self.has[name] = set(files)
+            self.adapters[name] = AdapterInfo(name, tuple(a["kinds"]), tuple(a["parts"]), a["soft_prompt_tokens"])
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).strip()
+
+    def prompt_segments(self, image, question, adapter, kind, history) -> list:
+        from mmagent.train.vlm import chat_prompt
+        instructions = self.manifest["adapters"].get(adapter, {}).get("instructions", {}) if adapter else {}
+        instruction, text = prompt_parts(question, kind, instructions)
+        soft = self.soft_prompts.get(adapter) if adapter else None
+        n_soft = 0 if soft is None else len(soft)
+        placeholder = self.prompt["image_token"] * (n_soft + self.prompt["n_image_tokens"])
+        prompt = chat_prompt(self.template, self.prompt["system"], placeholder, instruction, text, history)
+        before, after = prompt.split(placeholder, 1)
+        bridge = adapter if adapter and "bridge" in self.has[adapter] else None
+        rows = self.vision.run(preprocess(image, self.prompt["image"]), bridge)[0]
+        if soft is not None:
+            rows = np.concatenate([soft, rows])
+        return [self.llm.tokenize(before), np.ascontiguousarray(rows, dtype=np.float32), self.llm.tokenize(after)]
+
+    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text):
+        t0 = time.perf_counter()
+        segments = self.prompt_segments(image, question, adapter, kind, history)
+        t_image = time.perf_counter() - t0
+        self.llm.set_adapter(adapter if adapter and "llm" in self.has[adapter] else None)
+        stream, first = TextStream(self.decode, on_text), []
+
+        def on_token(token: int) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            stream.push(token)
+
+        tokens = self.llm.generate(segments, max_new_tokens, on_token)
+        end = time.perf_counter()
+        start = first[0] if first else end
+        return tokens, {"image": t_image, "first_token": start - t0,
+                        "tokens_per_s": max(0, len(tokens) - 1) / max(1e-9, end - start)}
