@@ -40,3 +40,35 @@ def micro_base(tmp_path_factory, mmagent_cache) -> Path:
     recipe.data.image_size = 64  # the tiny ViT's input size
     Trainer(recipe).run()
     return out / "model"
+
+
+def train_adapter(out: Path, base: Path, recipe: str, *extra: str) -> Path:
+    from mmagent.train.trainer import Trainer
+    Trainer(small_recipe(out, f'model.base="{base}"', "data.image_size=64", "train.steps=6", *extra,
+                         recipe=recipe)).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory, micro_base) -> list[Path]:
+    """A VQA run and a caption run (with a soft prompt) on the micro base."""
+    root = tmp_path_factory.mktemp("runs")
+    return [train_adapter(root / "vqa", micro_base, "vqa.toml"),
+            train_adapter(root / "caption", micro_base, "caption.toml", "soft_prompt.tokens=4")]
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, two_runs) -> Path:
+    from mmagent.export.bundle import export_bundle
+    out = tmp_path_factory.mktemp("bundles") / "edge"
+    export_bundle(two_runs, out, gguf=True, onnx=True, quants=("f16", "q8_0"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_image(tmp_path_factory) -> Path:
+    import random
+    from mmagent.train.data.shapes import draw_scene, sample_scene
+    path = tmp_path_factory.mktemp("images") / "scene.png"
+    draw_scene(sample_scene(random.Random(0)), 64).save(path)
+    return path

@@ -27,8 +27,10 @@ VARIANTS = {
     "tiny": [],
     "smol": ["model.base=init:smol", 'train.parts=["vision", "bridge"]'],
 }
+# BLIP-2's vision config defaults to initializer_range=1e-10 (it expects pretrained weights): from scratch
+# that leaves the ViT's output near zero and the model learns to ignore the image.
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-              image_size=64, patch_size=8)
+              image_size=64, patch_size=8, initializer_range=0.02)
 QFORMER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                encoder_hidden_size=128, cross_attention_frequency=1)
 TINY_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -100,6 +102,7 @@ def init_base(name: str, seed: int = 0):
         llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model = Blip2ForConditionalGeneration(blip2_config(llm.config, tok))
         model.language_model.load_state_dict(llm.state_dict())
+    torch.nn.init.normal_(model.query_tokens, std=0.02)  # zeros would make all queries identical
     return model.eval(), tok, image_processor(VISION["image_size"])
 
 

@@ -147,7 +147,7 @@ def _check_value(value, tp: str) -> bool:
 
 
 def _build(cls, raw: dict, where: str, problems: list[str]):
-    known = {f.name: f for f in fields(cls) if f.name != "source"}
+    known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         if key not in known:

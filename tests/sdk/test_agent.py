@@ -1,0 +1,101 @@
+"""Agent over both backends: switching, streaming, threads, two agents, bad input."""
+import threading
+
+import pytest
+
+from mmagent import Agent
+from mmagent.images import ImageError
+
+BACKENDS = ["torch", "edge"]
+
+
+@pytest.fixture(scope="module")
+def agents(bundle, two_runs):
+    return {"torch": Agent.load(two_runs), "edge": Agent.load(bundle)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ask_routes_and_reports(agents, backend, sample_image):
+    agent = agents[backend]
+    assert sorted(agent.adapters) == ["caption", "vqa"]
+    assert agent.adapter_info("caption").soft_prompt_tokens == 4
+    assert set(agent.adapter_info("vqa").parts) == {"llm", "bridge"}
+    a = agent.ask(sample_image, "Describe the picture.", max_new_tokens=6)
+    assert a.adapter == "caption" and "description" in a.reason and a.timings["total"] > 0
+    assert agent.ask(sample_image, "is there a circle?", max_new_tokens=6).adapter == "vqa"
+    with agent.using("caption"):
+        assert agent.ask(sample_image, "is there a circle?", max_new_tokens=4).adapter == "caption"
+        assert agent.ask(sample_image, "is there a circle?", adapter="vqa", max_new_tokens=4).adapter == "vqa"
+    assert agent.ask(sample_image, "is there a circle?", max_new_tokens=4).adapter == "vqa"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_joins_to_the_answer(agents, backend, sample_image):
+    agent = agents[backend]
+    pieces = list(agent.stream(sample_image, "Describe the picture.", max_new_tokens=12))
+    assert "".join(pieces).strip() == agent.ask(sample_image, "Describe the picture.", max_new_tokens=12).text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_sharing_one_agent_never_see_each_others_adapter(agents, backend, sample_image):
+    agent = agents[backend]
+    expected = {n: agent.ask(sample_image, "what shape is on the left?", adapter=n, max_new_tokens=6).tokens
+                for n in agent.adapters}
+    results, errors = [], []
+
+    def worker(name):
+        try:
+            with agent.using(name):
+                for _ in range(4):
+                    a = agent.ask(sample_image, "what shape is on the left?", max_new_tokens=6)
+                    results.append((name, a.adapter, a.tokens))
+        except Exception as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ["vqa", "caption"] * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 16
+    assert all(used == name and tokens == expected[name] for name, used, tokens in results)
+
+
+def test_two_agents_in_one_process_keep_their_own_adapter(bundle, sample_image):
+    a, b = Agent.load(bundle), Agent.load(bundle)
+    ref_vqa = a.ask(sample_image, "how many squares?", adapter="vqa", max_new_tokens=6).tokens
+    ref_cap = b.ask(sample_image, "how many squares?", adapter="caption", max_new_tokens=6).tokens
+    with a.using("vqa"), b.using("caption"):
+        for _ in range(2):
+            assert a.ask(sample_image, "how many squares?", max_new_tokens=6).tokens == ref_vqa
+            assert b.ask(sample_image, "how many squares?", max_new_tokens=6).tokens == ref_cap
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_is_a_clear_error(agents, backend, tmp_path):
+    agent = agents[backend]
+    with pytest.raises(ImageError, match="does not exist"):
+        agent.ask(tmp_path / "none.png", "hi?")
+    with pytest.raises(KeyError, match="no adapter `ocr`"):
+        with agent.using("ocr"):
+            pass
+
+
+def test_chat_session_keeps_history_and_saves(agents, sample_image, tmp_path):
+    import json
+    chat = agents["edge"].chat(sample_image)
+    first = chat.send("what shape is on the left?")
+    chat.send("and its colour?")
+    saved = json.loads(chat.save(tmp_path / "c.json").read_text())
+    assert [t["user"] for t in saved["turns"]] == ["what shape is on the left?", "and its colour?"]
+    assert saved["turns"][0]["assistant"] == first.text
+    chat.reset()
+    assert chat.history == []
+
+
+def test_load_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Agent.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a run directory"):
+        Agent.load(tmp_path / "empty")
