@@ -23,7 +23,8 @@ err = Console(stderr=True)
 
 
 def fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}")
+    from rich.markup import escape
+    err.print(f"[bold red]error:[/] {escape(str(e))}")
     raise typer.Exit(2)
 
 
@@ -140,12 +141,13 @@ def chat(image: Path = typer.Argument(..., help="the image to talk about"),
 
 @app.command()
 def serve(model: Path = typer.Argument(..., help="bundle, run or model directory"),
-          host: str = "127.0.0.1", port: int = 8000, backend: str = "auto"):
+          host: str = "127.0.0.1", port: int = 8000, backend: str = "auto",
+          allow_local_files: bool = typer.Option(False, help="accept image URLs that are paths on this machine")):
     """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
     from mmagent.agent import Agent
     from mmagent.server import serve as make_server
     try:
-        server = make_server(Agent.load(model, backend), host, port)
+        server = make_server(Agent.load(model, backend), host, port, allow_local_files)
     except USER_ERRORS as e:
         fail(e)
     console.print(f"serving {model} on http://{host}:{server.server_port}/v1")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.markup import escape
+
 from mmagent.files import atomic_write_json
 from mmagent.images import ImageError, load_image
 
@@ -13,6 +15,8 @@ HELP = ("/image PATH  change image   /adapter NAME  use an adapter (auto = route
 
 class ChatSession:
     """Turns on one image; each answer sees the earlier turns."""
+
+    MAX_TURNS = 8  # earlier turns are dropped so a long chat stays inside the model's context
 
     def __init__(self, agent, image, adapter: str | None = None):
         self.agent, self.adapter = agent, adapter
@@ -25,7 +29,8 @@ class ChatSession:
         self.history = []
 
     def send(self, text: str, on_text=None):
-        answer = self.agent.ask(self.image, text, self.adapter, history=self.history, on_text=on_text)
+        answer = self.agent.ask(self.image, text, self.adapter, history=self.history[-self.MAX_TURNS:],
+                                on_text=on_text)
         self.history.append((text, answer.text))
         return answer
 
@@ -41,7 +46,7 @@ class ChatSession:
 
 def run_terminal_chat(agent, image, adapter: str | None, console, read=input) -> None:
     session = ChatSession(agent, image, adapter)
-    console.print(f"chatting about [bold]{image}[/]; adapters: {', '.join(agent.adapters) or 'none'}. /help for commands")
+    console.print(f"chatting about [bold]{escape(str(image))}[/]; adapters: {', '.join(agent.adapters) or 'none'}. /help for commands")
     while True:
         try:
             line = read("you> ").strip()
@@ -55,8 +60,13 @@ def run_terminal_chat(agent, image, adapter: str | None, console, read=input) ->
                 return
             continue
         console.print("model> ", end="")
-        answer = session.send(line, on_text=lambda piece: console.print(piece, end="", highlight=False))
-        console.print(f"\n[dim]({answer.adapter or 'base'}: {answer.reason})[/]")
+        try:
+            answer = session.send(line, on_text=lambda piece: console.print(piece, end="", markup=False,
+                                                                            highlight=False))
+        except ValueError as e:  # e.g. a conversation longer than the context: say so, keep the session
+            console.print(f"\n[red]error:[/] {escape(str(e))}")
+            continue
+        console.print(f"\n[dim]({escape(answer.adapter or 'base')}: {escape(answer.reason)})[/]")
 
 
 def handle_command(session: ChatSession, line: str, console) -> str | None:
@@ -67,7 +77,7 @@ def handle_command(session: ChatSession, line: str, console) -> str | None:
         if cmd in ("/quit", "/exit"):
             return "quit"
         if cmd == "/help":
-            console.print(HELP)
+            console.print(escape(HELP))
         elif cmd == "/adapters":
             for name in agent.adapters:
                 info = agent.adapter_info(name)
@@ -80,14 +90,14 @@ def handle_command(session: ChatSession, line: str, console) -> str | None:
             console.print(f"adapter: {arg}")
         elif cmd == "/image":
             session.set_image(arg)
-            console.print(f"image: {arg} (conversation reset)")
+            console.print(f"image: {escape(arg)} (conversation reset)")
         elif cmd == "/reset":
             session.reset()
             console.print("conversation reset")
         elif cmd == "/save":
-            console.print(f"saved to {session.save(arg or 'chat.json')}")
+            console.print(f"saved to {escape(str(session.save(arg or 'chat.json')))}")
         else:
-            console.print(f"[red]unknown command {cmd}[/]; {HELP}")
+            console.print(f"[red]unknown command[/] {escape(cmd)}; {escape(HELP)}")
     except (KeyError, ImageError, OSError) as e:
-        console.print(f"[red]error:[/] {e.args[0] if isinstance(e, KeyError) else e}")
+        console.print(f"[red]error:[/] {escape(str(e.args[0] if isinstance(e, KeyError) else e))}")
     return None

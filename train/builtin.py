@@ -111,7 +111,8 @@ def align_recipe() -> Path:
 
 
 def cache_key(name: str) -> str:
-    text = align_recipe().read_text() + json.dumps(VARIANTS[name]) + json.dumps([VISION, QFORMER, TINY_LLM])
+    from mmagent.train.data.shapes import WORLD_VERSION
+    text = align_recipe().read_text() + json.dumps([VARIANTS[name], VISION, QFORMER, TINY_LLM, WORLD_VERSION])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

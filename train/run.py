@@ -37,8 +37,9 @@ def evaluate_run(run_dir: Path, with_base: bool, console: Console) -> dict:
     from mmagent.train.trainer import Trainer
     raw = json.loads((Path(run_dir) / "recipe.json").read_text())
     recipe = recipe_from_dict(raw, str(run_dir / "recipe.json"))
-    trainer = Trainer(recipe, resume=True, console=console)
+    trainer = Trainer(recipe, console=console, evaluate_only=True)
     trainer.setup()
+    trainer.load_adapter(Path(run_dir) / "adapters" / recipe.adapter_name)
     results = {"adapter": trainer.evaluate(True)}
     if with_base:
         results["base"] = trainer.evaluate(False)

@@ -35,8 +35,9 @@ def lr_lambda(warmup: int, total: int):
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, resume: bool = False, console: Console | None = None):
-        self.recipe, self.resume = recipe, resume
+    def __init__(self, recipe: Recipe, resume: bool = False, console: Console | None = None,
+                 evaluate_only: bool = False):
+        self.recipe, self.resume, self.evaluate_only = recipe, resume, evaluate_only
         self.console = console or Console()
         self.run_dir = recipe.run_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,6 +77,8 @@ class Trainer:
         self._print_trainable()
 
     def _check_run_dir(self) -> None:
+        if self.evaluate_only:
+            return
         if self.run_dir.exists() and not self.resume and checkpoints(self.run_dir):
             raise FileExistsError(f"run directory `{self.run_dir}` already has checkpoints; pass --resume to "
                                   f"continue it or set run.output_dir=<new dir> (or delete it) to start over")
@@ -107,6 +110,17 @@ class Trainer:
                                  or (ad.part_of(n, vlm.family) == "other" and "bridge" in r.train.parts))
             return
         vlm.model = ad.inject_lora(vlm.model, vlm.family, r.lora, r.adapter_name)
+
+    def load_adapter(self, path: Path) -> None:
+        """Put a saved adapter's weights (and soft prompt) into the freshly set-up model."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        ad.check_base(ad.read_adapter_meta(path), self.base.fingerprint, path)
+        set_peft_model_state_dict(self.vlm.model, load_file(path / "adapter_model.safetensors"),
+                                  adapter_name=self.recipe.adapter_name)
+        soft = ad.load_soft_prompt(path)
+        if soft is not None and self.soft_prompt is not None:
+            self.soft_prompt.vectors.data.copy_(soft[0])
 
     def _print_trainable(self) -> None:
         table = Table(title=f"trainable parameters ({self.recipe.train.method})")

@@ -26,7 +26,10 @@ def silence_llama_cpp() -> None:
 
 
 def _usable_cpus() -> int:
-    # The CPUs this process may run on (taskset, container limits), not all the host has.
+    # MMAGENT_THREADS wins (llama.cpp's threads spin-wait, so on a shared machine fewer is faster); else the
+    # CPUs this process may run on (taskset, container limits), not all the host has.
+    if os.environ.get("MMAGENT_THREADS"):
+        return max(1, int(os.environ["MMAGENT_THREADS"]))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -174,6 +177,7 @@ class LlamaCppLM:
         `max_new_tokens`. The end token is not returned."""
         self._feed(segments)
         out: list[int] = []
+        max_new_tokens = min(max_new_tokens, self.n_ctx - self._n_past)  # stop at the context's end
         while len(out) < max_new_tokens:
             token = int(np.argmax(self._last_logits()))
             if llama_cpp.llama_vocab_is_eog(self._vocab, token):

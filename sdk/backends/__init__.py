@@ -22,7 +22,14 @@ class TextStream:
 
     def push(self, token: int) -> None:
         self.tokens.append(token)
+        self._emit(final=False)
+
+    def finish(self) -> None:
+        """Send what is left, even a character the token cap cut in half."""
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
         text = self.decode(self.tokens)
-        if self.on_text and not text.endswith("\ufffd") and len(text) > len(self.sent):
+        if self.on_text and (final or not text.endswith("\ufffd")) and len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
             self.sent = text

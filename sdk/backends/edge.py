@@ -99,6 +99,7 @@ class EdgeBackend:
             stream.push(token)
 
         tokens = self.llm.generate(segments, max_new_tokens, on_token)
+        stream.finish()
         end = time.perf_counter()
         start = first[0] if first else end
         return tokens, {"image": t_image, "first_token": start - t0,

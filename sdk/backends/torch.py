@@ -102,6 +102,7 @@ class TorchBackend:
 
         with self._switch(adapter):
             tokens = self.vlm.generate(pixels, [prompt], max_new_tokens, soft, on_token=on_token)[0]
+        stream.finish()
         end = time.perf_counter()
         n = max(1, len(tokens) - 1)
         return tokens, {"first_token": first[0] - t0 if first else end - t0,

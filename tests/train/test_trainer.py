@@ -45,7 +45,13 @@ def test_adapter_loads_in_plain_peft_and_reproduces_logits(tmp_path, micro_base)
     assert not torch.allclose(bare, plain, atol=1e-4)
     meta = json.loads((tmp_path / "run/adapters/vqa/mmagent_adapter.json").read_text())
     assert meta["parts"] == {"bridge": ["query", "value"], "llm": ["q_proj", "v_proj"]}
-    assert (tmp_path / "run/results.json").exists() and (tmp_path / "run/report.md").exists()
+    assert (tmp_path / "run/report.md").exists()
+    # `mmagent eval RUN` reloads the saved adapter and scores what the trainer scored
+    from rich.console import Console
+    from mmagent.train.run import evaluate_run
+    saved = json.loads((tmp_path / "run/results.json").read_text())["adapter"]["vqa"]
+    again = evaluate_run(tmp_path / "run", False, Console(quiet=True))["adapter"]["vqa"]
+    assert again["vqa_accuracy"] == saved["vqa_accuracy"] and again["examples"] == saved["examples"]
 
 
 def _train_cmd(run_dir, base, *extra):
@@ -113,3 +119,18 @@ def test_lora_on_missing_module_fails_before_training(tmp_path, micro_base):
     with pytest.raises(ValueError, match=r"attn_q.*available: down_proj, gate_proj, k_proj, o_proj"):
         Trainer(recipe).setup()
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    recipe = small_recipe(tmp_path / "run", "data.source=files", f'tasks.0.jsonl="{tmp_path}/empty.jsonl"')
+    with pytest.raises(DataError, match="task `vqa` has no train examples"):
+        Trainer(recipe).setup()
+
+
+def test_cli_reports_recipe_errors_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nstepz = 1\n")
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "did you mean `train.steps`" in out.stderr and "Traceback" not in out.stderr

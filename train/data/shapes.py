@@ -22,7 +22,7 @@ COLUMNS = ("left", "middle", "right")
 ROWS = ("top", "middle", "bottom")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 SPLITS = {"train": "train2014", "val": "val2014"}
-WORLD_VERSION = 2  # bump when the generator's output changes, so cached worlds are rewritten
+WORLD_VERSION = 3  # bump when the generator's output changes, so cached worlds are rewritten
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,14 @@ def captions(scene: list[Shape], rng: random.Random) -> list[str]:
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     kinds = sorted({s.kind for s in scene})
     counts = " and ".join(_count_phrase(sum(s.kind == k for s in scene), None, k) for k in kinds)
-    colours = sorted({s.colour for s in scene})
     n = len(scene)
+    inventory = "\n".join(f"{k}: {sum(s.kind == k for s in scene)}" for k in SHAPES)
     out = [
         f"{listing}.",
         f"a picture of {counts}.",
         f"{n} shape{'s' if n > 1 else ''}: {listing}.",
-        f"an image with {counts} in {' and '.join(colours)}.",
-        f"there {'is' if n == 1 else 'are'} {listing}.",
+        "\n".join(f"{s.colour} {s.kind} {s.place}" for s in scene),  # one object a line
+        inventory,  # "circle: 1\nsquare: 0\ntriangle: 2"
     ]
     rng.shuffle(out)
     return out
