@@ -125,13 +125,14 @@ class VLM:
 
     @torch.no_grad()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int = 16, soft_prompt=None,
-                 instruction_ids=None, on_token=None) -> list[list[int]]:
-        """Greedy decoding for a batch of prompts; `on_token(step, token_ids)` streams each step."""
+                 instruction_ids=None, on_token=None, stop_at_eos: bool = True) -> list[list[int]]:
+        """Greedy decoding for a batch of prompts; `on_token(step, token_ids)` streams each step.
+        `stop_at_eos=False` decodes exactly max_new_tokens (benchmarks)."""
         from transformers.cache_utils import DynamicCache
         ids, mask = self.left_pad(prompts)
         ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
         embeds = self.input_embeds(ids, pixel_values, soft_prompt, instruction_ids)
-        cache, eos = DynamicCache(), self.tokenizer.eos_token_id
+        cache, eos = DynamicCache(), self.tokenizer.eos_token_id if stop_at_eos else -1
         out = [[] for _ in prompts]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
         head, embed = self.family.head(self.base_model), self.family.embed_tokens(self.base_model)

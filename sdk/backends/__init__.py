@@ -1,7 +1,7 @@
 """Backends behind `Agent`: torch (transformers + PEFT) and edge (llama.cpp + onnxruntime).
 
 Each offers `adapters` (name -> AdapterInfo), `generate(image, question, adapter, kind, history,
-max_new_tokens, on_text) -> (tokens, timings)` and `decode(tokens)`.
+max_new_tokens, on_text, stop_at_eos=True) -> (tokens, timings)` and `decode(tokens)`.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ class TextStream:
         self._emit(final=True)
 
     def _emit(self, final: bool) -> None:
+        if not self.on_text:  # nobody listens: skip the detokenising
+            return
         text = self.decode(self.tokens)
-        if self.on_text and (final or not text.endswith("\ufffd")) and len(text) > len(self.sent):
+        if (final or not text.endswith("\ufffd")) and len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
             self.sent = text

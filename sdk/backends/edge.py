@@ -86,7 +86,7 @@ class EdgeBackend:
             rows = np.concatenate([soft, rows])
         return [self.llm.tokenize(before), np.ascontiguousarray(rows, dtype=np.float32), self.llm.tokenize(after)]
 
-    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text):
+    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text, stop_at_eos=True):
         t0 = time.perf_counter()
         segments = self.prompt_segments(image, question, adapter, kind, history)
         t_image = time.perf_counter() - t0
@@ -98,7 +98,7 @@ class EdgeBackend:
                 first.append(time.perf_counter())
             stream.push(token)
 
-        tokens = self.llm.generate(segments, max_new_tokens, on_token)
+        tokens = self.llm.generate(segments, max_new_tokens, on_token, stop_at_eos)
         stream.finish()
         end = time.perf_counter()
         start = first[0] if first else end

@@ -84,7 +84,7 @@ class TorchBackend:
         return self.vlm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     @torch.no_grad()
-    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text):
+    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text, stop_at_eos=True):
         t0 = time.perf_counter()
         soft = self.soft_prompts.get(adapter) if adapter else None
         soft = soft.to(self.device) if soft is not None else None
@@ -101,7 +101,8 @@ class TorchBackend:
                 stream.push(ids[0])
 
         with self._switch(adapter):
-            tokens = self.vlm.generate(pixels, [prompt], max_new_tokens, soft, on_token=on_token)[0]
+            tokens = self.vlm.generate(pixels, [prompt], max_new_tokens, soft, on_token=on_token,
+                                       stop_at_eos=stop_at_eos)[0]
         stream.finish()
         end = time.perf_counter()
         n = max(1, len(tokens) - 1)

@@ -87,7 +87,7 @@ def test_failed_export_leaves_no_bundle(two_runs, tmp_path, monkeypatch):
     import mmagent.export.selfcheck as sc
     monkeypatch.setattr(sc, "VISION_TOL", -1.0)  # force the self-check to fail after every file is written
     out = tmp_path / "bundle"
-    with pytest.raises(ExportError, match="self-check failed.*ONNX image embeddings"):
+    with pytest.raises(ExportError, match=r"(?s)self-check failed.*ONNX image embeddings"):
         export_bundle(two_runs, out, gguf=True, onnx=True)
     assert not out.exists() and not list(tmp_path.glob(".bundle*"))
 

@@ -188,8 +188,6 @@ class FakeAgent:
         return Answer("use [/] or [bold]x[/bold]", "vqa", "chosen")
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: sdk/chat.py prints model text as rich markup, so '[/]' raises "
-                                      "MarkupError and '[bold]' vanishes; fix: console.print(..., markup=False)")
 def test_model_text_is_printed_verbatim(sample_image):
     from rich.console import Console
     from mmagent.chat import run_terminal_chat

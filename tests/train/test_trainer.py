@@ -116,7 +116,7 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
 
 def test_lora_on_missing_module_fails_before_training(tmp_path, micro_base):
     recipe = lora_recipe(tmp_path / "run", micro_base, 'lora.llm=["q_proj", "attn_q"]')
-    with pytest.raises(ValueError, match=r"attn_q.*available: down_proj, gate_proj, k_proj, o_proj"):
+    with pytest.raises(ValueError, match=r"attn_q.*available: down_proj, gate_proj, k_proj, lm_head, o_proj"):
         Trainer(recipe).setup()
     assert not (tmp_path / "run/checkpoints").exists()
 
