@@ -25,6 +25,9 @@ from mmagent.train.recipe import Recipe
 from mmagent.train.vlm import VLM
 
 
+MAX_BAD_IN_A_ROW = 100  # a skip is for the odd broken file, not for a folder of them
+
+
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -147,13 +150,19 @@ class Trainer:
         t = self.recipe.train
         n_soft = self.recipe.soft_prompt.tokens
         encoded, images = [], []
+        failures_in_a_row = 0
         while len(images) < t.batch_size:
             k, rec = next(stream)
             self.position = k + 1
             try:
                 images.append(load_image(rec["image_path"], self.recipe.data.max_pixels))
+                failures_in_a_row = 0
             except ImageError as e:
                 self.skipped.append(str(e))
+                failures_in_a_row += 1
+                if failures_in_a_row >= MAX_BAD_IN_A_ROW:
+                    raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row (last: {e}); "
+                                    "check the image folder before training") from e
                 continue
             encoded.append(self.vlm.encode(rec["instruction"], rec["input"], rec["output"], n_soft))
         return self.collate(encoded, images)
@@ -187,7 +196,7 @@ class Trainer:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
         t = self.recipe.train
         self.vlm.model.train()
-        stream = self.mixture.batches(self.position, t.batch_size)
+        stream = self.mixture.examples(self.position)
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.2e} {task.fields[sps]:.0f} samples/s"),
                    TimeRemainingColumn())

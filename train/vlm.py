@@ -99,21 +99,21 @@ class VLM:
         return self.family.decoder(self.base_model)(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kw)
 
-    def loss(self, batch: dict, soft_prompt=None) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens; logits only where labels exist (the vocab is the cost)."""
+    def _last_hidden(self, batch: dict, soft_prompt) -> torch.Tensor:
         embeds = self.input_embeds(batch["input_ids"], batch["pixel_values"], soft_prompt,
                                    batch.get("instruction_ids"))
-        h = self.hidden(embeds, batch["attention_mask"]).last_hidden_state
+        return self.hidden(embeds, batch["attention_mask"]).last_hidden_state
+
+    def loss(self, batch: dict, soft_prompt=None) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; logits only where labels exist (the vocab is the cost)."""
+        h = self._last_hidden(batch, soft_prompt)
         labels = batch["labels"][:, 1:]
         keep = labels != -100
         logits = self.family.head(self.base_model)(h[:, :-1][keep])
         return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
     def logits(self, batch: dict, soft_prompt=None) -> torch.Tensor:
-        embeds = self.input_embeds(batch["input_ids"], batch["pixel_values"], soft_prompt,
-                                   batch.get("instruction_ids"))
-        h = self.hidden(embeds, batch["attention_mask"]).last_hidden_state
-        return self.family.head(self.base_model)(h)
+        return self.family.head(self.base_model)(self._last_hidden(batch, soft_prompt))
 
     # ---- decoding ------------------------------------------------------------------------------
     def left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ class TaskMixture:
             self._perms[task] = (epoch, perm)
         return self._perms[task][1]
 
-    def batches(self, start: int, batch_size: int):
+    def examples(self, start: int):
         """Yield (k, record) from example index `start` on, forever."""
         counts = dict.fromkeys(self.names, 0)
         for i in range(start):
