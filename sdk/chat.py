@@ -1,7 +1,6 @@
 """Chat on an image: `ChatSession` for code, `run_terminal_chat` for `mmagent chat IMAGE`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.markup import escape

@@ -9,10 +9,7 @@ import ctypes
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from pathlib import Path
 
 import gguf
 import llama_cpp
@@ -20,6 +17,7 @@ import numpy as np
 import torch
 
 from mmagent.export.gguf.runtime import silence_llama_cpp
+from mmagent.files import atomic_path
 
 ARCH = "llama"
 TOKENIZER_MODEL = "gpt2"  # byte-level BPE
@@ -124,21 +122,6 @@ def _llm_tensors(causal_lm) -> Iterator[tuple[str, torch.Tensor]]:
 
 # ---- files --------------------------------------------------------------------------------------------------
 
-@contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it replaces `path`, so readers never see half a model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
 
 def _add_hparams(writer: gguf.GGUFWriter, config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -203,7 +186,7 @@ def write_llm_gguf(causal_lm, tokenizer, path: str | os.PathLike, chat_template:
     check_llama_cpp_support(config)
     tensors = list(_llm_tensors(causal_lm))
     template = chat_template or tokenizer.chat_template
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             _add_hparams(writer, config)
@@ -254,7 +237,7 @@ def write_lora_gguf(lora_tensors: Mapping[str, torch.Tensor], alpha: float, path
     """
     check_llama_cpp_support(config)
     pairs = _lora_pairs(lora_tensors, prefix)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             writer.add_type(gguf.GGUFType.ADAPTER)
@@ -281,7 +264,7 @@ def quantize(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, kind: str
     silence_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[kind]
-    with _atomic_path(dst_gguf) as tmp:
+    with atomic_path(dst_gguf) as tmp:
         status = llama_cpp.llama_model_quantize(os.fsencode(src_gguf), os.fsencode(tmp), ctypes.byref(params))
         if status != 0:
             raise RuntimeError(f"llama.cpp failed to quantize {src_gguf} to {kind} (status {status})")

@@ -21,6 +21,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from mmagent.files import atomic_path
+
 LORA_PREFIX = "lora."
 INPUT, OUTPUT = "pixel_values", "image_embeds"
 IMAGE_PATH_PREFIXES = ("vision_model.", "qformer.", "language_projection")
@@ -30,19 +32,6 @@ _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[A
 
 def lora_input_names(module_name: str) -> tuple[str, str]:
     return f"{LORA_PREFIX}{module_name}.A", f"{LORA_PREFIX}{module_name}.B"
-
-
-@contextmanager
-def _replacing(path):
-    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save(model: onnx.ModelProto, path) -> None:
@@ -251,7 +240,7 @@ def write_adapter(peft_state_dict_for_bridge: dict, alpha: float, rank: int, pat
     adapter.set_adapter_version(1)
     adapter.set_model_version(1)  # onnxruntime does not check either; the names and shapes are what bind
     adapter.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for n, v in params.items()})
-    with _replacing(path) as tmp:
+    with atomic_path(path) as tmp:
         adapter.export_adapter(str(tmp))
     return sorted(pairs)
 

@@ -3,7 +3,6 @@ per request; the bridge LoRA switches with the LLM LoRA (one PEFT adapter covers
 prompt is picked alongside."""
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path

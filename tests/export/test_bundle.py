@@ -1,5 +1,4 @@
 """The edge bundle end to end: two task adapters exported, loaded through llama.cpp + onnxruntime, switched."""
-import json
 import shutil
 import subprocess
 import sys
