@@ -101,11 +101,10 @@ def prompt_info(backend) -> dict:
 
 
 def write_gguf_parts(backend, tmp: Path, quants, manifest: dict, say) -> None:
-    from mmagent.export.gguf.writer import check_llama_cpp_support, quantize, write_llm_gguf, write_lora_gguf
+    from mmagent.export.gguf.writer import quantize, write_llm_gguf, write_lora_gguf
     family = backend.vlm.family
     base = backend.fresh_base()
     causal_lm = family.causal_lm(base)
-    check_llama_cpp_support(causal_lm.config)
     say("GGUF: LLM f16 ...")
     write_llm_gguf(causal_lm, backend.vlm.tokenizer, tmp / "llm.f16.gguf", backend.vlm.tokenizer.chat_template)
     manifest["llm"]["f16"] = "llm.f16.gguf"
@@ -146,7 +145,7 @@ def write_onnx_parts(backend, tmp: Path, manifest: dict, say) -> None:
 
 
 def write_adapter_meta(backend, tmp: Path, manifest: dict) -> None:
-    from safetensors.torch import save_file
+    from mmagent.train.adapters import save_soft_prompt
     for name, info in backend.adapters.items():
         folder = tmp / "adapters" / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -154,7 +153,7 @@ def write_adapter_meta(backend, tmp: Path, manifest: dict) -> None:
                  if (folder / f).exists()}
         soft = backend.soft_prompts.get(name)
         if soft is not None:
-            save_file({"vectors": soft[0].contiguous()}, folder / "soft_prompt.safetensors")
+            save_soft_prompt(folder, soft)
             files["soft_prompt"] = f"adapters/{name}/soft_prompt.safetensors"
         manifest["adapters"][name] = {"kinds": list(info.kinds), "parts": list(info.parts),
                                       "soft_prompt_tokens": info.soft_prompt_tokens,

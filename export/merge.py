@@ -7,11 +7,12 @@ from pathlib import Path
 
 def merge_adapter(backend, name: str, out: Path) -> None:
     from peft import PeftModel
-    from safetensors.torch import save_file
+
+    from mmagent.train.adapters import save_soft_prompt
     merged = PeftModel.from_pretrained(backend.fresh_base(), backend.adapter_paths[name]).merge_and_unload()
     merged.save_pretrained(out)
     backend.vlm.tokenizer.save_pretrained(out)
     backend.vlm.image_processor.save_pretrained(out)
     soft = backend.soft_prompts.get(name)
     if soft is not None:  # a soft prompt cannot be folded into weights: it travels beside them
-        save_file({"vectors": soft[0].contiguous()}, out / "soft_prompt.safetensors")
+        save_soft_prompt(out, soft)

@@ -27,7 +27,7 @@ class Answer:
     adapter: str | None
     reason: str
     tokens: list[int] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)  # seconds: image, first_token, total; tokens_per_s
+    timings: dict = field(default_factory=dict)  # seconds: queued, first_token, total (+ image on edge); tokens_per_s
 
     def __str__(self) -> str:
         return self.text
@@ -39,6 +39,10 @@ class AdapterInfo:
     kinds: tuple[str, ...]
     parts: tuple[str, ...]
     soft_prompt_tokens: int
+
+
+class _Cancelled(Exception):
+    """Raised inside generation when a stream's consumer has gone away."""
 
 
 class Agent:
@@ -63,11 +67,24 @@ class Agent:
             return cls(TorchBackend(paths, **options))
         raise ValueError(f"backend must be auto, torch or edge, got {backend!r}")
 
+    def close(self) -> None:
+        """Free the backend's native memory (llama.cpp) now rather than at garbage collection."""
+        with self._lock:
+            getattr(self.backend, "close", lambda: None)()
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def adapters(self) -> list[str]:
         return list(self.backend.adapters)
 
     def adapter_info(self, name: str) -> AdapterInfo:
+        if name not in self.backend.adapters:
+            raise KeyError(f"no adapter `{name}`; this model has: {', '.join(self.adapters)}")
         return self.backend.adapters[name]
 
     def _route(self, instruction: str, adapter: str | None) -> Route:
@@ -90,33 +107,49 @@ class Agent:
             history=(), on_text=None) -> Answer:
         picture = load_image(image)
         r = self._route(question, adapter)
-        start = time.perf_counter()
+        queued = time.perf_counter()
         with self._lock:
+            start = time.perf_counter()
             tokens, timings = self.backend.generate(picture, question, r.adapter, r.kind, history,
                                                     max_new_tokens, on_text)
-        text = self.backend.decode(tokens)
-        timings["total"] = time.perf_counter() - start
+            text = self.backend.decode(tokens)
+        timings.update(total=time.perf_counter() - start, queued=start - queued)
         return Answer(text, r.adapter, r.reason, tokens, timings)
 
     def stream(self, image, question: str, adapter: str | None = None, max_new_tokens: int = 48) -> Iterator[str]:
         """Yield the answer's text piece by piece as tokens are decoded."""
+        # Resolved here, in the caller's thread: `using` is thread-local and the worker below is another thread.
+        chosen = adapter if adapter is not None else getattr(self._local, "adapter", None)
+        return self._stream(image, question, chosen, max_new_tokens)
+
+    def _stream(self, image, question, adapter, max_new_tokens) -> Iterator[str]:
         import queue
         pieces: queue.Queue = queue.Queue()
-        done = object()
+        done, cancelled = object(), threading.Event()
+
+        def on_text(piece: str) -> None:
+            if cancelled.is_set():  # the consumer left: stop decoding and free the agent's lock
+                raise _Cancelled
+            pieces.put(piece)
 
         def work():
             try:
-                self.ask(image, question, adapter, max_new_tokens, on_text=pieces.put)
+                self.ask(image, question, adapter, max_new_tokens, on_text=on_text)
+            except _Cancelled:
+                pass
             except BaseException as e:  # surfaced to the consumer below
                 pieces.put(e)
             finally:
                 pieces.put(done)
 
         threading.Thread(target=work, daemon=True).start()
-        while (item := pieces.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        try:
+            while (item := pieces.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
 
     def chat(self, image, adapter: str | None = None) -> "ChatSession":
         from mmagent.chat import ChatSession

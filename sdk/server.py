@@ -139,6 +139,10 @@ def make_handler(agent, allow_local_files: bool = False):
                 answer = agent.ask(image, text, adapter, max_tokens, history=turns)
             except ValueError as e:  # ImageError and friends: the client's input
                 return self._error(400, str(e))
+            except (BrokenPipeError, ConnectionResetError):  # the client left mid-stream
+                return
+            except Exception as e:  # ours, not the client's: say so rather than drop the connection
+                return self._error(500, f"generation failed: {e}")
             self._json(200, completion(answer, model, int(time.time()), max_tokens))
 
         def _stream(self, image, text, adapter, model, turns, max_tokens):
@@ -160,6 +164,8 @@ def make_handler(agent, allow_local_files: bool = False):
                 answer = agent.ask(picture, text, adapter, max_tokens, history=turns,
                                    on_text=lambda p: send({"content": p}))
                 send({}, finish_reason(answer, max_tokens))
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client left: nobody to tell
             except Exception as e:  # the status line is gone: report the error inside the stream
                 self.wfile.write(f"data: {json.dumps({'error': {'message': str(e)}})}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")

@@ -102,7 +102,7 @@ def save_adapter(peft_model, name: str, out_dir: Path, soft_prompt, meta: dict) 
                 f.rename(tmp / f.name)
             src.rmdir()
         if soft_prompt is not None:
-            save_file({"vectors": soft_prompt.vectors.detach().contiguous()}, tmp / "soft_prompt.safetensors")
+            save_soft_prompt(tmp, soft_prompt.vectors.detach())
         (tmp / "mmagent_adapter.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -119,6 +119,11 @@ def check_base(meta: dict, fingerprint: str, path) -> None:
         raise AdapterError(f"adapter `{path}` was trained on base {meta['base_ref']} "
                            f"(fingerprint {meta['base_fingerprint']}), not this base ({fingerprint}); "
                            f"load it with base `{meta['base_ref']}`")
+
+
+def save_soft_prompt(folder: Path, vectors: torch.Tensor) -> None:
+    """(n, H) vectors as `soft_prompt.safetensors`, the one layout every backend reads."""
+    save_file({"vectors": vectors.reshape(-1, vectors.shape[-1]).contiguous()}, Path(folder) / "soft_prompt.safetensors")
 
 
 def load_soft_prompt(path: Path) -> torch.Tensor | None:

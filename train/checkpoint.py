@@ -47,8 +47,9 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict[str, torch.Tensor
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "position": position, "optimizer": meta,
                                                     "scheduler": scheduler.state_dict()}))
-    for old in sorted(checkpoints(run_dir))[:-keep]:
-        shutil.rmtree(old[1], ignore_errors=True)
+    found = checkpoints(run_dir)
+    for _, old in found[:max(0, len(found) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mmagent.files import atomic_write_json
+from mmagent.files import atomic_write_bytes, atomic_write_json
 from mmagent.images import ImageError, load_image
 from mmagent.train import adapters as ad
 from mmagent.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
@@ -246,8 +246,14 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:  # the line a kill cut in half
+                    continue
+            atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
     def finish(self) -> dict:
         """Evaluate adapter and base, write the adapter (or the full model) and the results."""

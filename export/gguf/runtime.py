@@ -37,7 +37,10 @@ def default_threads(model_bytes: int) -> int:
     """MMAGENT_THREADS wins; else one thread per 256 MB of weights, up to the usable CPUs. llama.cpp's
     threads spin-wait on each other: for the 16 MB default model one thread decodes 1.8x faster than two."""
     if os.environ.get("MMAGENT_THREADS"):
-        return max(1, int(os.environ["MMAGENT_THREADS"]))
+        value = os.environ["MMAGENT_THREADS"]
+        if not value.isdigit():
+            raise ValueError(f"MMAGENT_THREADS={value!r}: expected a whole number of threads, e.g. MMAGENT_THREADS=1")
+        return max(1, int(value))
     return max(1, min(_usable_cpus(), 1 + model_bytes // BYTES_PER_THREAD))
 
 

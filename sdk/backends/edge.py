@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from mmagent.backends import TextStream, prompt_parts
-from mmagent.bundle import read_manifest, verify
+from mmagent.bundle import BundleError, read_manifest, verify
 
 
 class ChatTemplate:
@@ -35,7 +35,7 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
     size = spec["size"]
     arr = np.asarray(image.convert("RGB").resize((size, size), resample=spec.get("resample", 3)), dtype=np.float32)
     arr = (arr / 255.0 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
-    return arr.transpose(2, 0, 1)[None].astype(np.float32)
+    return arr.transpose(2, 0, 1)[None]
 
 
 class EdgeBackend:
@@ -47,8 +47,11 @@ class EdgeBackend:
         self.bundle = Path(bundle)
         self.manifest = manifest or read_manifest(self.bundle)
         m = self.manifest
-        if quant not in m["llm"]:
-            raise ValueError(f"bundle has no `{quant}` LLM; it has: {', '.join(m['llm'])}")
+        if quant not in m["llm"] or vision not in m["vision"] or vision not in ("fp32", "fp16"):
+            raise BundleError(f"bundle `{bundle}` has no `{quant}` LLM and `{vision}` vision graph for the edge backend "
+                              f"(LLM: {', '.join(m['llm']) or 'none'}; vision: "
+                              f"{', '.join(k for k in ('fp32', 'fp16') if k in m['vision']) or 'none'}); re-export "
+                              "with --gguf --onnx, or load it with backend='torch'")
         needed = [m["llm"][quant], m["vision"][vision]] + [f for a in m["adapters"].values() for f in a["files"].values()]
         verify(self.bundle, m, needed)
         self.llm = LlamaCppLM(self.bundle / m["llm"][quant], n_ctx=1024, n_threads=n_threads,
@@ -70,6 +73,9 @@ class EdgeBackend:
 
     def decode(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).strip()
+
+    def close(self) -> None:
+        self.llm.close()
 
     def prompt_segments(self, image, question, adapter, kind, history) -> list:
         from mmagent.train.vlm import chat_prompt

@@ -128,3 +128,9 @@ def test_info_shows_bundle_and_run(bundle, two_runs):
     assert "vqa" in out.stdout and "caption" in out.stdout and "self-check" in out.stdout and "q8_0" in out.stdout
     run = subprocess.run([sys.executable, str(ROOT / "cli.py"), "info", str(two_runs[0])], capture_output=True, text=True)
     assert run.returncode == 0 and "q_proj" in run.stdout
+
+
+def test_bundle_without_onnx_is_refused_by_the_edge_backend_with_the_fix(two_runs, tmp_path):
+    export_bundle(two_runs[:1], tmp_path / "m", gguf=False, onnx=False, merged=True)
+    with pytest.raises(BundleError, match="re-export with --gguf --onnx, or load it with backend='torch'"):
+        Agent.load(tmp_path / "m")

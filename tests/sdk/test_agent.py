@@ -99,3 +99,22 @@ def test_load_errors_name_the_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a run directory"):
         Agent.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_follows_using_and_an_abandoned_stream_frees_the_agent(agents, backend, sample_image):
+    agent = agents[backend]
+    want = agent.ask(sample_image, "is there a circle?", adapter="caption", max_new_tokens=8).text
+    with agent.using("caption"):
+        got = "".join(agent.stream(sample_image, "is there a circle?", max_new_tokens=8)).strip()
+    assert got == want
+    pieces = agent.stream(sample_image, "Describe the picture.", max_new_tokens=40)
+    next(pieces)
+    pieces.close()  # the consumer walks away after one piece
+    assert agent.ask(sample_image, "is there a circle?", max_new_tokens=2).adapter == "vqa"  # not blocked
+
+
+def test_agent_closes_its_native_memory(bundle, sample_image):
+    with Agent.load(bundle) as agent:
+        agent.ask(sample_image, "is there a circle?", max_new_tokens=2)
+    assert agent.backend.llm._ctx is None
