@@ -15,10 +15,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from mmagent.images import load_image
 from mmagent.router import Route, route
+
+if TYPE_CHECKING:
+    from mmagent.chat import ChatSession
 
 
 @dataclass

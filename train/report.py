@@ -25,18 +25,36 @@ def primary(metrics: dict) -> tuple[str, float]:
     return key, metrics[key]
 
 
-def write_report(run_dir: Path, results: dict) -> None:
-    lines = ["# Run report", "", "| task | metric | adapter | base | gain |", "|---|---|---|---|---|"]
+SCORE_COLUMNS = ("task", "metric", "adapter", "base", "gain")
+
+
+def score_rows(results: dict) -> list[tuple[str, ...]]:
+    """One row a task: its primary metric for the adapter, the base (if evaluated) and the gain."""
+    rows = []
     for task, m in results["adapter"].items():
         key, value = primary(m)
         base = results.get("base", {}).get(task)
         b = primary(base)[1] if base else None
-        lines.append(f"| {task} | {key} | {value:.1f} | {'' if b is None else f'{b:.1f}'} | "
-                     f"{'' if b is None else f'{value - b:+.1f}'} |")
-    metrics = run_dir / "metrics.jsonl"
-    points = []
-    if metrics.exists():
-        points = [(e["step"], e["loss"]) for e in map(json.loads, metrics.read_text().splitlines()) if "loss" in e]
+        rows.append((task, key, f"{value:.1f}", "" if b is None else f"{b:.1f}",
+                     "" if b is None else f"{value - b:+.1f}"))
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's entries; a last line cut in half by a kill is skipped, not fatal."""
+    entries = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def write_report(run_dir: Path, results: dict) -> None:
+    lines = ["# Run report", "", "| " + " | ".join(SCORE_COLUMNS) + " |", "|---" * len(SCORE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in score_rows(results)]
+    points = [(e["step"], e["loss"]) for e in read_metrics(run_dir / "metrics.jsonl") if "loss" in e]
     svg = loss_svg(points)
     if svg:
         atomic_write_bytes(run_dir / "loss.svg", svg.encode())

@@ -7,19 +7,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mmagent.train.report import primary
+from mmagent.train.report import SCORE_COLUMNS, score_rows
 
 
 def score_table(results: dict) -> Table:
     table = Table(title="held-out scores")
-    for col in ("task", "metric", "adapter", "base", "gain"):
+    for col in SCORE_COLUMNS:
         table.add_column(col)
-    for task, m in results["adapter"].items():
-        key, value = primary(m)
-        base = results.get("base", {}).get(task)
-        b = primary(base)[1] if base else None
-        table.add_row(task, key, f"{value:.1f}", "" if b is None else f"{b:.1f}",
-                      "" if b is None else f"{value - b:+.1f}")
+    for row in score_rows(results):
+        table.add_row(*row)
     return table
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,11 +18,12 @@ from mmagent.files import atomic_write_bytes, atomic_write_json
 from mmagent.images import ImageError, load_image
 from mmagent.train import adapters as ad
 from mmagent.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
-from mmagent.train.data.records import DataError
+from mmagent.train.data.records import DataError, default_instruction
 from mmagent.train.data.stream import TaskMixture
 from mmagent.train.data.tasks import check_images_exist, eval_subset, task_records
 from mmagent.train.evaluate import evaluate_tasks
 from mmagent.train.recipe import Recipe
+from mmagent.train.report import read_metrics, write_report
 from mmagent.train.vlm import VLM
 
 
@@ -226,15 +228,11 @@ class Trainer:
     # ---- evaluation and output -----------------------------------------------------------------
     def evaluate(self, with_adapter: bool = True) -> dict:
         sp = self.soft_prompt() if (self.soft_prompt is not None and with_adapter) else None
-        with torch.random.fork_rng(devices=[]):
+        bare = not with_adapter and hasattr(self.vlm.model, "disable_adapter")
+        with torch.random.fork_rng(devices=[]), (self.vlm.model.disable_adapter() if bare else nullcontext()):
             self.vlm.model.eval()
-            if with_adapter or not hasattr(self.vlm.model, "disable_adapter"):
-                result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records, sp,
-                                        self.recipe.train.max_new_tokens, self.device)
-            else:
-                with self.vlm.model.disable_adapter():
-                    result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records, None,
-                                            self.recipe.train.max_new_tokens, self.device)
+            result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records, sp,
+                                    self.recipe.train.max_new_tokens, self.device)
             self.vlm.model.train()
         return result
 
@@ -246,14 +244,8 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        keep.append(line)
-                except json.JSONDecodeError:  # the line a kill cut in half
-                    continue
-            atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+            keep = [e for e in read_metrics(path) if e["step"] <= step]
+            atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in keep).encode())
 
     def finish(self) -> dict:
         """Evaluate adapter and base, write the adapter (or the full model) and the results."""
@@ -262,7 +254,6 @@ class Trainer:
         if r.train.method == "lora" and r.train.eval_base:
             results["base"] = self.evaluate(False)
         results["skipped_images"] = len(self.skipped)
-        from mmagent.train.data.records import default_instruction
         meta = {"task": r.adapter_name, "tasks": [t.name for t in r.tasks], "base_ref": self.base.ref,
                 "kinds": sorted({t.kind for t in r.tasks}),
                 "instructions": {t.kind: t.instruction or default_instruction(t.kind) for t in r.tasks},
@@ -278,7 +269,6 @@ class Trainer:
         atomic_write_json(self.run_dir / "base.json", {"ref": self.base.ref, "fingerprint": self.base.fingerprint,
                                                        "path": str(self.base.path)})
         atomic_write_json(self.run_dir / "results.json", results)
-        from mmagent.train.report import write_report
         write_report(self.run_dir, results)
         return results
 
