@@ -18,12 +18,10 @@ def switch_times(backend, names: list[str], n: int) -> list[float]:
     for i in range(n):
         name = names[i % len(names)]
         t = time.perf_counter()
-        if hasattr(backend, "llm"):  # edge: llama.cpp LoRA set + cache clear; onnxruntime picks per run
-            backend.llm.set_adapter(name)
-            backend.soft_prompts.get(name)
-        else:  # torch: PEFT set_adapter moves LLM and Q-Former LoRA together
-            backend.vlm.model.set_adapter(name)
-            backend.soft_prompts.get(name)
+        # edge: llama.cpp LoRA set + KV clear (onnxruntime picks its adapter per run);
+        # torch: PEFT set_adapter moves LLM and Q-Former LoRA together
+        (backend.llm if hasattr(backend, "llm") else backend.vlm.model).set_adapter(name)
+        backend.soft_prompts.get(name)
         out.append(time.perf_counter() - t)
     return out
 

@@ -39,11 +39,11 @@ def image_lora_modules(image_state: dict) -> list[str]:
     return sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in image_state})
 
 
-def check_carried(backend, gguf: bool, onnx: bool, merged: bool) -> None:
+def check_carried(backend, lora: dict, gguf: bool, onnx: bool, merged: bool) -> None:
     """Refuse an export that would lose an adapted part."""
     problems = []
     for name, info in backend.adapters.items():
-        llm_part, image_part = split_parts(lora_state(backend.vlm.model, name), backend.vlm.family)
+        llm_part, image_part = lora[name]
         if llm_part and not (gguf or merged):
             problems.append(f"adapter `{name}` adapts the LLM: add --gguf (or --merged)")
         if image_part and not (onnx or merged):
@@ -65,14 +65,18 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
     say = console.print if console else (lambda *a, **k: None)
     start = time.perf_counter()
     backend = TorchBackend(runs, device="cpu")
-    check_carried(backend, gguf, onnx, merged)
+    # adapter name -> (LLM LoRA tensors, image-path LoRA tensors), read once for every writer
+    lora = {n: split_parts(lora_state(backend.vlm.model, n), backend.vlm.family) for n in backend.adapters}
+    check_carried(backend, lora, gguf, onnx, merged)
     manifest = {"schema": SCHEMA, "family": backend.vlm.family.name, "base": backend.base_info,
                 "prompt": prompt_info(backend), "llm": {}, "vision": {}, "adapters": {}}
+    # One plain copy of the base (no LoRA layers) serves both writers; neither changes it.
+    base = backend.fresh_base() if (gguf or onnx) else None
     with atomic_dir(out, force=force) as tmp:
         if gguf:
-            write_gguf_parts(backend, tmp, quants, manifest, say)
+            write_gguf_parts(backend, base, lora, tmp, quants, manifest, say)
         if onnx:
-            write_onnx_parts(backend, tmp, manifest, say)
+            write_onnx_parts(backend, base, lora, tmp, manifest, say)
         write_adapter_meta(backend, tmp, manifest)
         if merged:
             write_merged(backend, tmp, manifest, say)
@@ -100,10 +104,9 @@ def prompt_info(backend) -> dict:
                       "std": list(processor.image_std), "resample": int(getattr(processor, "resample", 3))}}
 
 
-def write_gguf_parts(backend, tmp: Path, quants, manifest: dict, say) -> None:
+def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dict, say) -> None:
     from mmagent.export.gguf.writer import quantize, write_llm_gguf, write_lora_gguf
     family = backend.vlm.family
-    base = backend.fresh_base()
     causal_lm = family.causal_lm(base)
     say("GGUF: LLM f16 ...")
     write_llm_gguf(causal_lm, backend.vlm.tokenizer, tmp / "llm.f16.gguf", backend.vlm.tokenizer.chat_template)
@@ -114,24 +117,22 @@ def write_gguf_parts(backend, tmp: Path, quants, manifest: dict, say) -> None:
             quantize(tmp / "llm.f16.gguf", tmp / f"llm.{q}.gguf", q)
             manifest["llm"][q] = f"llm.{q}.gguf"
     prefix = "base_model.model." + family.parts.llm + ".model."
-    for name in backend.adapters:
-        llm_part, _ = split_parts(lora_state(backend.vlm.model, name), family)
+    for name, (llm_part, _) in lora.items():
         if llm_part:
             cfg = backend.vlm.model.peft_config[name]
             (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
             write_lora_gguf(llm_part, cfg.lora_alpha, tmp / "adapters" / name / "llm.lora.gguf",
                             config=causal_lm.config, prefix=prefix)
-    del base
 
 
-def write_onnx_parts(backend, tmp: Path, manifest: dict, say) -> None:
+def write_onnx_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) -> None:
     from mmagent.export.onnx.vision import export_vision, optimize, write_adapter
-    states = {n: split_parts(lora_state(backend.vlm.model, n), backend.vlm.family)[1] for n in backend.adapters}
+    states = {n: image_part for n, (_, image_part) in lora.items()}
     modules = sorted({m for s in states.values() for m in image_lora_modules(s)})
     ranks = [backend.vlm.model.peft_config[n].r for n, s in states.items() if s]
     say(f"ONNX: vision + bridge with LoRA inputs on {len(modules)} modules ...")
     raw = tmp / "vision.raw.onnx"
-    export_vision(backend.fresh_base(), raw, max(ranks) if modules else None, [re.escape(m) for m in modules])
+    export_vision(base, raw, max(ranks) if modules else None, [re.escape(m) for m in modules])
     fusions = optimize(raw, tmp / "vision.onnx", fp16_path=tmp / "vision.fp16.onnx")
     raw.unlink()
     manifest["vision"] = {"fp32": "vision.onnx", "fp16": "vision.fp16.onnx", "fusions": fusions,

@@ -18,6 +18,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def durable_replace(src: str | Path, dst: str | Path) -> None:
+    """Move a finished file into place so that a crash leaves the old file or the whole new one."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    _fsync_dir(Path(dst).parent)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path beside `path` for a writer that wants a file name; on success it is fsynced and
@@ -28,10 +36,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        durable_replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

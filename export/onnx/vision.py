@@ -8,7 +8,6 @@ into B; activating it through RunOptions overrides the zeros for that run only.
 """
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import warnings
@@ -21,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mmagent.files import atomic_path
+from mmagent.files import atomic_path, durable_replace
 
 LORA_PREFIX = "lora."
 INPUT, OUTPUT = "pixel_values", "image_embeds"
@@ -42,7 +41,7 @@ def _save(model: onnx.ModelProto, path) -> None:
         staged = Path(tmp) / path.name
         onnx.save(model, staged, save_as_external_data=model.ByteSize() > _PROTO_LIMIT, location=f"{path.name}.data")
         for f in sorted(Path(tmp).iterdir(), key=lambda f: f == staged):
-            os.replace(f, path.parent / f.name)
+            durable_replace(f, path.parent / f.name)
 
 
 # ---- export -------------------------------------------------------------------------------------------

@@ -95,7 +95,8 @@ class TorchBackend:
         stream, first = TextStream(self.decode, on_text), []
 
         def on_token(step, ids):
-            first.append(time.perf_counter()) if step == 0 else None
+            if step == 0:
+                first.append(time.perf_counter())
             if ids[0] != self.vlm.tokenizer.eos_token_id:
                 stream.push(ids[0])
 
