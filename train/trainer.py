@@ -53,12 +53,7 @@ class Trainer:
         r = self.recipe
         self._check_run_dir()
         torch.manual_seed(r.run.seed)
-        self.train_records = {t.name: task_records(t, r.data, "train") for t in r.tasks}
-        self.eval_records = {t.name: eval_subset(task_records(t, r.data, "eval"), t.kind, t.max_eval)
-                             for t in r.tasks}
-        for name, recs in {**self.train_records, **{f"{k} (eval)": v for k, v in self.eval_records.items()}}.items():
-            check_images_exist(recs, name)
-        self._check_disjoint()
+        self._setup_data()
         model, tokenizer, image_processor, self.base = self._load_base()
         self.vlm = VLM(model, tokenizer, image_processor, r.model.system)
         self._make_trainable()
@@ -67,6 +62,27 @@ class Trainer:
         if r.soft_prompt.tokens:
             embed = self.vlm.family.embed_tokens(self.vlm.base_model)
             self.soft_prompt = ad.SoftPrompt(embed, r.soft_prompt.tokens, r.run.seed).to(self.device)
+        self._setup_optimizer()
+        self.step, self.position = 0, 0
+        if self.resume:
+            self._resume()
+        self._print_trainable()
+
+    def _setup_data(self) -> None:
+        """Records per task; evaluation alone reads only the held-out split."""
+        r = self.recipe
+        self.train_records = {} if self.evaluate_only else {t.name: task_records(t, r.data, "train") for t in r.tasks}
+        self.eval_records = {t.name: eval_subset(task_records(t, r.data, "eval"), t.kind, t.max_eval)
+                             for t in r.tasks}
+        for name, recs in {**self.train_records, **{f"{k} (eval)": v for k, v in self.eval_records.items()}}.items():
+            check_images_exist(recs, name)
+        if self.train_records:
+            self._check_disjoint()
+            self.mixture = TaskMixture(self.train_records, {t.name: t.ratio for t in r.tasks}, r.run.seed)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW with its own group (and learning rate) for the soft prompt; warm-up then cosine."""
+        r = self.recipe
         self.params = {n: p for n, p in self.vlm.model.named_parameters() if p.requires_grad}
         groups = [{"params": list(self.params.values()), "lr": r.train.lr}]
         if self.soft_prompt is not None:
@@ -75,11 +91,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=r.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(r.train.warmup_steps, r.train.steps))
-        self.mixture = TaskMixture(self.train_records, {t.name: t.ratio for t in r.tasks}, r.run.seed)
-        self.step, self.position = 0, 0
-        if self.resume:
-            self._resume()
-        self._print_trainable()
 
     def _check_run_dir(self) -> None:
         if self.evaluate_only:

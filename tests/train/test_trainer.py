@@ -134,3 +134,10 @@ def test_cli_reports_recipe_errors_without_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2
     assert "did you mean `train.steps`" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_held_out_files_name_the_recipe_key(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"image_path": "x.png", "instruction": "i", "output": "o"}\n')
+    recipe = small_recipe(tmp_path / "run", "data.source=files", f'tasks.0.jsonl="{tmp_path}/t.jsonl"')
+    with pytest.raises(DataError, match=r"no eval data: set `tasks\[\]\.eval_questions`"):
+        Trainer(recipe).setup()

@@ -34,15 +34,21 @@ def task_records(task, data_cfg, split: str) -> list[dict]:
     if data_cfg.source == "builtin:shapes":
         files = {**{k: str(v) for k, v in shapes_files(data_cfg).items()}, **{k: v for k, v in files.items() if v}}
     pre = "eval_" if split == "eval" else ""
+
+    def need(key: str) -> str:
+        if not files[pre + key]:
+            raise DataError(f"task `{task.name}` has no {split} data: set `tasks[].{pre + key}` in the recipe "
+                            "(the official file for that split)")
+        return files[pre + key]
+
     if split == "train" and files.get("jsonl"):
         records = read_jsonl(files["jsonl"])
     elif task.kind == "caption":
-        records = coco_captions(files[pre + "captions"], files[pre + "images"], task.name, task.instruction)
+        records = coco_captions(need("captions"), need("images"), task.name, task.instruction)
     elif task.kind == "match":
-        records = caption_matching(files[pre + "captions"], files[pre + "images"], task.name, task.instruction)
+        records = caption_matching(need("captions"), need("images"), task.name, task.instruction)
     else:
-        records = vqa_v2(files[pre + "questions"], files[pre + "annotations"], files[pre + "images"],
-                         task.name, task.instruction)
+        records = vqa_v2(need("questions"), need("annotations"), need("images"), task.name, task.instruction)
     if not records:
         raise DataError(f"task `{task.name}` has no {split} examples; check its files")
     return records
