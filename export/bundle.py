@@ -184,7 +184,8 @@ def describe(path: Path) -> dict:
         sizes = {rel: (path / rel).stat().st_size for rel in m["files"] if (path / rel).exists()}
         return {"kind": "bundle", "manifest": m, "sizes": sizes}
     if (path / "adapters").is_dir() or (path / "results.json").exists():
-        adapters = {d.name: json.loads((d / "mmagent_adapter.json").read_text())
+        from mmagent.train.adapters import read_adapter_meta
+        adapters = {d.name: read_adapter_meta(d)
                     for d in sorted((path / "adapters").glob("*")) if (d / "mmagent_adapter.json").exists()}
         results = json.loads((path / "results.json").read_text()) if (path / "results.json").exists() else {}
         return {"kind": "run", "adapters": adapters, "results": results}

@@ -76,12 +76,15 @@ def self_check(backend, bundle_dir, manifest) -> dict:
     from mmagent.backends.edge import EdgeBackend
     from mmagent.export.bundle import ExportError
     images = probe_images(backend.vlm.family.image_size(backend.vlm.base_model))
-    edge = EdgeBackend(bundle_dir, "f16", manifest=manifest, n_threads=None)
+    edge = EdgeBackend(bundle_dir, "f16", manifest=manifest)
     report = {"tokenizer": check_tokenizer(backend, edge), "vision": check_vision(backend, edge, images),
               "greedy_f16": greedy_agreement(backend, edge, images), "quantised": {}}
+    edge.close()  # the bundle directory is renamed into place next: let go of its mapped files first
     for q in manifest["llm"]:
         if q != "f16":
-            report["quantised"][q] = greedy_agreement(backend, EdgeBackend(bundle_dir, q, manifest=manifest), images)
+            quantised = EdgeBackend(bundle_dir, q, manifest=manifest)
+            report["quantised"][q] = greedy_agreement(backend, quantised, images)
+            quantised.close()
     problems = []
     if report["tokenizer"]["mismatched"] or not report["tokenizer"]["template_identical"]:
         problems.append(f"tokenizer ids differ on {report['tokenizer']['mismatched']} "
