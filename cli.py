@@ -28,7 +28,9 @@ def fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError)
+from mmagent.isolate import NativeCrash  # noqa: E402  (stdlib only: keeps --help fast)
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError, NativeCrash)
 
 
 @app.command()

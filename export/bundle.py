@@ -106,6 +106,8 @@ def prompt_info(backend) -> dict:
 
 def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dict, say) -> None:
     from mmagent.export.gguf.writer import quantize, write_llm_gguf, write_lora_gguf
+    from mmagent.export.selfcheck import crash_hint
+    from mmagent.isolate import run_isolated
     family = backend.vlm.family
     causal_lm = family.causal_lm(base)
     say("GGUF: LLM f16 ...")
@@ -114,7 +116,8 @@ def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dic
     for q in quants:
         if q != "f16":
             say(f"GGUF: quantising to {q} with llama.cpp ...")
-            quantize(tmp / "llm.f16.gguf", tmp / f"llm.{q}.gguf", q)
+            run_isolated(f"quantising the LLM to {q} with llama.cpp", tmp / "llm.f16.gguf", quantize,
+                         tmp / "llm.f16.gguf", tmp / f"llm.{q}.gguf", q, hint=crash_hint())
             manifest["llm"][q] = f"llm.{q}.gguf"
     prefix = "base_model.model." + family.parts.llm + ".model."
     for name, (llm_part, _) in lora.items():

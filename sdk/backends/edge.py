@@ -42,8 +42,8 @@ class EdgeBackend:
     def __init__(self, bundle, quant: str = "f16", vision: str = "fp32", n_threads: int | None = None,
                  n_gpu_layers: int = 0, providers=None, manifest: dict | None = None):
         from mmagent.agent import AdapterInfo
-        from mmagent.export.gguf.runtime import LlamaCppLM
-        from mmagent.export.onnx.vision import VisionSession
+        from mmagent.backends.llama_cpp import LlamaCppLM
+        from mmagent.backends.onnx_vision import VisionSession
         self.bundle = Path(bundle)
         self.manifest = manifest or read_manifest(self.bundle)
         m = self.manifest

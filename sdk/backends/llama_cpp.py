@@ -2,12 +2,25 @@
 
 Low-level so that a prompt can mix token ids and embedding rows (the vision bridge's output), and so that
 LoRA adapters can be switched per request without reloading anything.
+
+llama.cpp's extra CPU buffer types (Intel AMX kernels, repacked weights) are its fast CPU paths, but some
+builds' AMX kernels crash: GCC 12's `_tile_loadconfig` tells the optimiser it reads 8 bytes of the
+64-byte tile configuration, so the stores that fill it are dropped and `ldtilecfg` loads stack garbage
+(a general-protection fault, i.e. SIGSEGV, in `ggml_backend_amx_mul_mat` on the first batch of more
+than one row). `make install` builds llama-cpp-python with dead-store elimination off, which keeps the
+stores; for any other build a child process probes the batched AMX path once per library and CPU, and
+a build that crashes there runs without extra buffer types (slower, correct). docs/BENCHMARKS.md has both.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
+import json
+import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -23,6 +36,104 @@ def _drop_log(level, text, user_data):
 def silence_llama_cpp() -> None:
     # llama.cpp logs every load to stderr; the callback is module-level so ctypes never frees it.
     llama_cpp.llama_log_set(_drop_log, ctypes.c_void_p(0))
+
+
+PROBE_VERSION = 1  # bump when the probe changes, so cached verdicts are redone
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+def _library_identity() -> str:
+    """The loaded CPU backend library and this CPU: a probe verdict holds for exactly this pair."""
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    files = sorted(lib.glob("libggml-cpu*")) or sorted(lib.glob("*ggml*"))
+    stats = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
+    cpu = next((line for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")), "")
+    return json.dumps([PROBE_VERSION, llama_cpp.__version__, str(lib), stats, cpu, system_info()])
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def extra_buffer_types_usable() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types here. MMAGENT_LLAMA_EXTRA_BUFTS=0/1 decides;
+    else yes where the build has no AMX kernels, and where it has them, what a cached child-process probe
+    of a batched quantised decode found."""
+    forced = os.environ.get("MMAGENT_LLAMA_EXTRA_BUFTS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if "AMX_INT8 = 1" not in system_info():
+        return True
+    return _probe_verdict()
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_verdict() -> bool:
+    from mmagent.files import atomic_write_json, cache_root
+    from mmagent.isolate import NativeCrash, run_isolated
+    identity = _library_identity()
+    path = cache_root() / "llama-cpp-probe" / (hashlib.sha256(identity.encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        return bool(json.loads(path.read_text())["extra_buffer_types"])
+    try:
+        run_isolated("llama.cpp AMX probe (a batched Q8_0 decode)", "a 1-layer test model", probe_batched_decode,
+                     True, timeout=300)
+        ok, why = True, "a batched Q8_0 decode with the AMX buffer type ran"
+    except NativeCrash as e:
+        ok, why = False, str(e).splitlines()[0]
+        logging.getLogger("mmagent").warning(
+            "llama.cpp's AMX kernels crash with this llama-cpp-python build on this CPU (%s); running without "
+            "llama.cpp's extra CPU buffer types, which is slower. `make install` builds a llama-cpp-python whose "
+            "AMX kernels work (see README).", why)
+    atomic_write_json(path, {"extra_buffer_types": ok, "why": why, "identity": json.loads(identity)})
+    return ok
+
+
+def probe_batched_decode(extra_buffer_types: bool) -> bool:
+    """Decode an 8-token batch through a 1-layer Q8_0 model (the shape of work that reaches llama.cpp's
+    AMX tile kernels). Run in a child process: a broken build dies here, not in the caller."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.q8_0.gguf"
+        _write_probe_gguf(path)
+        with LlamaCppLM(path, n_ctx=32, n_threads=1, extra_buffer_types=extra_buffer_types) as lm:
+            logits = lm.next_token_logits([list(range(8))])
+    return bool(np.isfinite(logits).all())
+
+
+def _write_probe_gguf(path: Path, n_embd: int = 64, n_ff: int = 128, n_vocab: int = 64) -> None:
+    """A 1-layer LLaMA with random Q8_0 weights and no vocabulary: shapes the AMX kernels accept."""
+    import gguf
+    rng = np.random.default_rng(0)
+
+    def q8(*shape):
+        return gguf.quants.quantize(rng.normal(0, 0.05, shape).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_context_length, 32), (w.add_embedding_length, n_embd), (w.add_block_count, 1),
+                       (w.add_feed_forward_length, n_ff), (w.add_head_count, 2), (w.add_head_count_kv, 2),
+                       (w.add_rope_dimension_count, n_embd // 2), (w.add_layer_norm_rms_eps, 1e-5),
+                       (w.add_vocab_size, n_vocab), (w.add_tokenizer_model, "none")):
+        add(value)
+    q8_type = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("token_embd.weight", rng.normal(0, 0.05, (n_vocab, n_embd)).astype(np.float32))
+    for name, shape in (("output.weight", (n_vocab, n_embd)), ("blk.0.attn_q.weight", (n_embd, n_embd)),
+                        ("blk.0.attn_k.weight", (n_embd, n_embd)), ("blk.0.attn_v.weight", (n_embd, n_embd)),
+                        ("blk.0.attn_output.weight", (n_embd, n_embd)), ("blk.0.ffn_gate.weight", (n_ff, n_embd)),
+                        ("blk.0.ffn_up.weight", (n_ff, n_embd)), ("blk.0.ffn_down.weight", (n_embd, n_ff))):
+        w.add_tensor(name, q8(*shape), raw_dtype=q8_type)
+    for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
+        w.add_tensor(name, np.ones(n_embd, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 BYTES_PER_THREAD = 256 << 20  # below this much weight a thread's share costs less than syncing it
@@ -51,13 +162,15 @@ class LlamaCppLM:
     """
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
-                 n_gpu_layers: int = 0):
+                 n_gpu_layers: int = 0, extra_buffer_types: bool | None = None):
         self._ctx = self._model = None
         self._adapters: dict[str, tuple] = {}  # name -> (adapter, ctypes array of it, ctypes scales)
         silence_llama_cpp()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        model_params.use_extra_bufts = (extra_buffer_types_usable() if extra_buffer_types is None
+                                        else extra_buffer_types)
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(gguf_path), model_params)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")

@@ -73,7 +73,8 @@ class TorchBackend:
             return model
         return PeftModel.from_pretrained(model, path, adapter_name=name)
 
-    def _switch(self, adapter: str | None):
+    def using_adapter(self, adapter: str | None):
+        """A context in which `adapter` (None: the bare base) is the active one."""
         if adapter is None:
             return self.vlm.model.disable_adapter() if self.adapters else nullcontext()
         self.vlm.model.set_adapter(adapter)
@@ -100,7 +101,7 @@ class TorchBackend:
             if ids[0] != self.vlm.tokenizer.eos_token_id:
                 stream.push(ids[0])
 
-        with self._switch(adapter):
+        with self.using_adapter(adapter):
             tokens = self.vlm.generate(pixels, [prompt], max_new_tokens, soft, on_token=on_token,
                                        stop_at_eos=stop_at_eos)[0]
         stream.finish()

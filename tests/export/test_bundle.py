@@ -134,3 +134,16 @@ def test_bundle_without_onnx_is_refused_by_the_edge_backend_with_the_fix(two_run
     export_bundle(two_runs[:1], tmp_path / "m", gguf=False, onnx=False, merged=True)
     with pytest.raises(BundleError, match="re-export with --gguf --onnx, or load it with backend='torch'"):
         Agent.load(tmp_path / "m")
+
+
+def test_a_native_crash_in_the_self_check_is_a_clear_error_and_leaves_no_bundle(two_runs, tmp_path, monkeypatch):
+    import faulthandler
+    import mmagent.isolate as isolate
+    from mmagent.isolate import NativeCrash
+    real = isolate.run_isolated
+    monkeypatch.setattr(isolate, "run_isolated",  # the child segfaults where llama.cpp would have
+                        lambda stage, file, fn, *a, **k: real(stage, file, faulthandler._sigsegv, **k))
+    out = tmp_path / "bundle"
+    with pytest.raises(NativeCrash, match=r"(?s)self-check .*crashed \(SIGSEGV\) on `llm.f16.gguf`.*not written"):
+        export_bundle(two_runs, out, gguf=True, onnx=True)
+    assert not out.exists() and not list(tmp_path.glob(".bundle*"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, T5Config
 
-from mmagent.export.gguf.runtime import LlamaCppLM
+from mmagent.backends.llama_cpp import LlamaCppLM
 from mmagent.export.gguf.writer import (UnsupportedForLlamaCpp, check_llama_cpp_support, llama_cpp_supports,
                                         quantize, write_llm_gguf, write_lora_gguf)
 

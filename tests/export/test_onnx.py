@@ -12,8 +12,9 @@ import torch
 peft = pytest.importorskip("peft")
 from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig  # noqa: E402
 
+from mmagent.backends.onnx_vision import VisionSession  # noqa: E402
 from mmagent.export.onnx.vision import (  # noqa: E402
-    VisionSession, export_vision, lora_input_names, lora_inputs, optimize, write_adapter,
+    export_vision, lora_input_names, lora_inputs, optimize, write_adapter,
 )
 
 # PEFT warns that names "a"/"b" occur in "lora_"; that matters only when reloading by prefix, not here

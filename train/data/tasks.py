@@ -1,14 +1,14 @@
 """From a recipe's [[tasks]] to records: resolve builtin:shapes paths, read the official files, check images."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from mmagent.files import cache_root
 from mmagent.train.data.records import DataError, caption_matching, coco_captions, read_jsonl, vqa_v2
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("MMAGENT_CACHE", Path.home() / ".cache" / "mmagent")) / "data"
+    return cache_root() / "data"
 
 
 def shapes_files(data_cfg) -> dict[str, str]:

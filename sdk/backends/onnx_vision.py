@@ -1,0 +1,33 @@
+"""The vision side of an edge bundle in onnxruntime: ViT + Q-Former + projection, task LoRAs per run. No torch."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+INPUT, OUTPUT = "pixel_values", "image_embeds"  # the exported graph's input and output
+
+
+class VisionSession:
+    """One onnxruntime session, any number of task adapters; `run` is safe from several threads."""
+
+    def __init__(self, onnx_path, providers=None):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # else one warning per LoRA input: "initializer appears in graph inputs"
+        self.session = ort.InferenceSession(str(onnx_path), options,
+                                            providers=providers or ort.get_available_providers())
+        self.adapters: dict[str, ort.LoraAdapter] = {}
+
+    def load_adapter(self, name: str, path) -> None:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        self.adapters[name] = adapter
+
+    def run(self, pixel_values: np.ndarray, adapter: str | None = None) -> np.ndarray:
+        # RunOptions per call: the active adapter belongs to this run only, so concurrent runs don't mix.
+        options = ort.RunOptions()
+        if adapter is not None:
+            if adapter not in self.adapters:
+                raise KeyError(f"adapter `{adapter}` is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+            options.add_active_adapter(self.adapters[adapter])
+        feed = {INPUT: np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        return self.session.run([OUTPUT], feed, options)[0]
