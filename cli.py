@@ -71,18 +71,38 @@ def data_prepare(out: Path = typer.Argument(..., help="JSONL file to write"),
                  questions: Optional[Path] = typer.Option(None, help="VQAv2 questions JSON"),
                  annotations: Optional[Path] = typer.Option(None, help="VQAv2 annotations JSON"),
                  images: Path = typer.Option(..., help="image folder of those files")):
-    """Convert COCO captions and/or VQAv2 files into the unified instruction JSONL."""
-    from mmagent.train.data.records import coco_captions, vqa_v2, write_jsonl
+    """Convert COCO captions and/or VQAv2 files into the unified instruction JSONL (absolute image paths).
+
+    A malformed entry is an error naming the file and the entry; entries that cannot be joined (captions of
+    images the file does not list, questions without an annotation) are left out and counted in a
+    `warning:` line; a record whose image file is missing from --images is an error.
+    """
+    import warnings
+    from mmagent.train.data.records import DataError, DataWarning, coco_captions, missing_images, vqa_v2, write_jsonl
     if not captions and not questions:
         fail(ValueError("give --captions and/or --questions with --annotations"))
     if questions and not annotations:
         fail(ValueError("--questions needs --annotations (the VQAv2 answers file)"))
     try:
-        records = (coco_captions(captions, images) if captions else []) + \
-                  (vqa_v2(questions, annotations, images) if questions else [])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataWarning)
+            records = (coco_captions(captions, images) if captions else []) + \
+                      (vqa_v2(questions, annotations, images) if questions else [])
+        for w in caught:
+            if issubclass(w.category, DataWarning):
+                from rich.markup import escape
+                err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        if not records:
+            raise DataError("no records to write: the given files hold no caption or answered question")
+        missing = missing_images(records)
+        if missing:
+            raise DataError(f"{len(missing)} image file(s) the records name are not in `{images}`, e.g. "
+                            f"`{missing[0]}`; check --images (and that it matches the annotation files' split)")
+        write_jsonl(records, out)
     except USER_ERRORS as e:
         fail(e)
-    write_jsonl(records, out)
     console.print(f"wrote {len(records)} records to {out}")
 
 
@@ -116,10 +136,20 @@ def export(runs: list[Path] = typer.Argument(..., help="run directories (or adap
 
 @app.command()
 def info(path: Path = typer.Argument(..., help="a bundle or a run directory")):
-    """Show what a bundle or run holds: components, adapters and what each adapts, sizes, self-check."""
+    """Verify, then show what a bundle or run holds: components, adapters and what each adapts, sizes, self-check.
+
+    Every file the manifest lists is checked (present, size, sha256), and the manifest itself (schema,
+    required keys). A damaged bundle or run is not described: every problem is listed and the exit code
+    is 1. A path that is neither a bundle nor a run directory: exit 2.
+    """
+    from mmagent.bundle import DamagedBundle
     from mmagent.export.info import show
     try:
         show(path, console)
+    except DamagedBundle as e:
+        from rich.markup import escape
+        err.print(f"[bold red]damaged:[/] {escape(str(e))}")
+        raise typer.Exit(1)
     except USER_ERRORS as e:
         fail(e)
 

@@ -81,7 +81,9 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
         if merged:
             write_merged(backend, tmp, manifest, say)
         write_tokenizer(backend, tmp)
-        manifest["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        listed = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        manifest["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in listed}
+        manifest["sizes"] = {str(f.relative_to(tmp)): f.stat().st_size for f in listed}
         if gguf and onnx:
             from mmagent.export.selfcheck import self_check
             say("self-check: torch model against the bundle ...")
@@ -180,16 +182,52 @@ def write_tokenizer(backend, tmp: Path) -> None:
 
 
 def describe(path: Path) -> dict:
-    """What `mmagent info` shows for a bundle or a run directory."""
+    """What `mmagent info` shows for a bundle or a run directory, verified first: a bundle's manifest and
+    every file it lists (mmagent.bundle.verify), a run's adapters (their files all there). Raises
+    DamagedBundle listing every problem, FileNotFoundError for a path that is neither."""
+    from mmagent.bundle import DamagedBundle, verify
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"`{path}` does not exist; give a bundle (mmagent export -o DIR) or a run directory "
+                                "(runs/<name>)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"`{path}` is a file; give a bundle or a run directory (a folder)")
     if (path / "manifest.json").exists():
-        m = json.loads((path / "manifest.json").read_text())
-        sizes = {rel: (path / rel).stat().st_size for rel in m["files"] if (path / rel).exists()}
+        m = verify(path)
+        sizes = {rel: (path / rel).stat().st_size for rel in m["files"]}
         return {"kind": "bundle", "manifest": m, "sizes": sizes}
-    if (path / "adapters").is_dir() or (path / "results.json").exists():
-        from mmagent.train.adapters import read_adapter_meta
-        adapters = {d.name: read_adapter_meta(d)
-                    for d in sorted((path / "adapters").glob("*")) if (d / "mmagent_adapter.json").exists()}
-        results = json.loads((path / "results.json").read_text()) if (path / "results.json").exists() else {}
-        return {"kind": "run", "adapters": adapters, "results": results}
-    raise FileNotFoundError(f"`{path}` is neither a bundle (manifest.json) nor a run directory (adapters/)")
+    if _looks_like_bundle(path):
+        raise DamagedBundle(path, [f"`{path / 'manifest.json'}` is missing: nothing says which files belong to "
+                                   "the bundle or what their sha256 is"])
+    metas = sorted((path / "adapters").glob("*/mmagent_adapter.json")) if (path / "adapters").is_dir() else []
+    if metas or (path / "recipe.json").is_file() or (path / "results.json").is_file():
+        return _describe_run(path)
+    raise FileNotFoundError(f"`{path}` is neither a bundle (manifest.json) nor a run directory (recipe.json, "
+                            "adapters/<name>/mmagent_adapter.json); give the folder `mmagent export -o` or "
+                            "`mmagent train` wrote")
+
+
+def _looks_like_bundle(path: Path) -> bool:
+    """Files only an export writes: GGUF / ONNX at the top, or adapters/<name>/ holding bundle parts."""
+    return any(path.glob("*.gguf")) or any(path.glob("*.onnx")) or any(path.glob("adapters/*/llm.lora.gguf")) \
+        or any(path.glob("adapters/*/bridge.onnx_adapter"))
+
+
+def _describe_run(path: Path) -> dict:
+    from mmagent.bundle import DamagedBundle
+    from mmagent.train.adapters import read_adapter_meta
+    problems, adapters, results = [], {}, {}
+    for d in sorted(p for p in (path / "adapters").glob("*") if p.is_dir() and not p.name.startswith(".")):
+        try:
+            adapters[d.name] = read_adapter_meta(d)
+        except ValueError as e:
+            problems.append(str(e))
+    if (path / "results.json").exists():
+        try:
+            results = json.loads((path / "results.json").read_text())
+        except json.JSONDecodeError as e:
+            problems.append(f"`{path / 'results.json'}` is not valid JSON ({e})")
+    if problems:
+        raise DamagedBundle(path, problems, what="run directory",
+                            fix="restore the missing files, or train the run again")
+    return {"kind": "run", "adapters": adapters, "results": results}

@@ -1,4 +1,5 @@
-"""`mmagent info`: what a bundle or a run directory holds, as tables."""
+"""`mmagent info`: what a bundle or a run directory holds, as tables, after verifying it (describe raises
+DamagedBundle listing every problem instead of describing a damaged bundle)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,6 +32,8 @@ def show(path: Path, console) -> None:
     m, sizes = d["manifest"], d["sizes"]
     console.print(f"bundle {path}: family {m['family']}, base {m['base']['ref']} ({m['base']['fingerprint']}), "
                   f"exported in {m.get('export_seconds')} s")
+    console.print(f"verified: all {len(m['files'])} files present, sha256 "
+                  + ("and sizes " if m.get("sizes") else "") + "as in the manifest")
     comp = Table(title="components")
     for col in ("component", "file", "size"):
         comp.add_column(col)

@@ -9,7 +9,8 @@ from mmagent.files import atomic_write_json
 from mmagent.images import ImageError, load_image
 
 HELP = ("/image PATH  change image   /adapter NAME  use an adapter (auto = router)   /adapters  list\n"
-        "/reset  forget the conversation   /save PATH  save it as JSON   /quit  leave")
+        "/reset  forget the conversation   /save PATH  save it as JSON (never over an existing file)\n"
+        "/save! PATH  save, replacing PATH if it exists   /quit  leave")
 
 
 class ChatSession:
@@ -36,10 +37,28 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def save(self, path) -> Path:
-        path = Path(path)
-        atomic_write_json(path, {"image": self.image_ref, "adapter": self.adapter,
-                                 "turns": [{"user": q, "assistant": a} for q, a in self.history]})
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write the conversation as JSON, atomically. The folder must exist (none is created); an existing
+        file is kept unless `overwrite` (in the terminal chat: `/save! PATH`)."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(f"`{path}` is a folder; give a file name, e.g. {path / 'chat.json'}")
+        folder = path.parent
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"`{folder}` is a file, not a folder; save to a path inside a folder")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"folder `{folder}` does not exist; create it first or save elsewhere "
+                                    "(no folder is created for you)")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"`{path}` already exists and was left as it is; choose another name, or replace "
+                                  f"it with `/save! {path}` (ChatSession.save(path, overwrite=True))")
+        data = {"image": self.image_ref, "adapter": self.adapter,
+                "turns": [{"user": q, "assistant": a} for q, a in self.history]}
+        try:
+            atomic_write_json(path, data)
+        except PermissionError as e:
+            raise PermissionError(f"cannot write `{path}`: no permission to write in folder `{folder}`; "
+                                  "save elsewhere") from e
         return path
 
 
@@ -93,8 +112,8 @@ def handle_command(session: ChatSession, line: str, console) -> str | None:
         elif cmd == "/reset":
             session.reset()
             console.print("conversation reset")
-        elif cmd == "/save":
-            console.print(f"saved to {escape(str(session.save(arg or 'chat.json')))}")
+        elif cmd in ("/save", "/save!"):
+            console.print(f"saved to {escape(str(session.save(arg or 'chat.json', overwrite=cmd == '/save!')))}")
         else:
             console.print(f"[red]unknown command[/] {escape(cmd)}; {escape(HELP)}")
     except (KeyError, ImageError, OSError) as e:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,12 +52,55 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_staging(final: str | Path) -> list[Path]:
+    """Remove the staging directories of `final` (`.<name>.<pid>.<random>.tmp`, made by `atomic_dir`) whose
+    creating process is gone, e.g. after a kill -9 mid-export. Staging directories of a live process are
+    left alone; ones without a pid (older mmagent) cannot be attributed and are named in a warning.
+    Returns the removed directories."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    with_pid = re.compile(rf"^\.{re.escape(final.name)}\.(\d+)\.[a-z0-9_]+\.tmp$")
+    without_pid = re.compile(rf"^\.{re.escape(final.name)}\.[a-z0-9_]+\.tmp$")
+    removed, unknown = [], []
+    for d in sorted(final.parent.iterdir()):
+        if not d.is_dir() or d.is_symlink():
+            continue
+        if m := with_pid.match(d.name):
+            pid = int(m.group(1))
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        elif without_pid.match(d.name):
+            unknown.append(d)
+    if unknown:
+        warnings.warn(f"staging director{'y' if len(unknown) == 1 else 'ies'} "
+                      f"{', '.join(f'`{d}`' for d in unknown)} of `{final}` left by an interrupted write of an "
+                      "older mmagent (no process id recorded); delete them if no export or training is writing "
+                      f"`{final}` now", stacklevel=3)
+    return removed
+
+
 @contextmanager
 def atomic_dir(final: str | Path, force: bool = False):
-    """Yield a temp directory; on success it replaces `final` in one rename (the old one moved aside first)."""
+    """Yield a temp directory; on success it replaces `final` in one rename (the old one moved aside first).
+
+    The temp directory `.<name>.<pid>.<random>.tmp` carries this process's id, so a later write to the same
+    target removes the ones whose process died before finishing (kill -9, power loss)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    clean_stale_staging(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         yield tmp
         for f in tmp.rglob("*"):

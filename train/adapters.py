@@ -106,12 +106,40 @@ def save_adapter(peft_model, name: str, out_dir: Path, soft_prompt, meta: dict) 
         (tmp / "mmagent_adapter.json").write_text(json.dumps(meta, indent=1))
 
 
+WEIGHTS = "adapter_model.safetensors"
+
+
 def read_adapter_meta(path: Path) -> dict:
-    f = Path(path) / "mmagent_adapter.json"
+    """The adapter's mmagent_adapter.json, after checking that the files it needs are all there."""
+    path = Path(path)
+    f = path / "mmagent_adapter.json"
     if not f.exists():
         raise AdapterError(f"`{path}` is not an mmagent adapter (no mmagent_adapter.json); "
                            "point at runs/<run>/adapters/<task>")
-    return json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"`{f}` is not valid JSON ({e}); {_retrain_hint(path)}") from e
+    missing = [k for k in ("task", "base_ref", "base_fingerprint", "parts")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise AdapterError(f"`{f}` lacks {', '.join(missing)}; {_retrain_hint(path)}")
+    needed = {WEIGHTS: "its LoRA weights", "adapter_config.json": "its PEFT configuration"}
+    if meta.get("soft_prompt_tokens"):
+        needed["soft_prompt.safetensors"] = f"its {meta['soft_prompt_tokens']} soft-prompt vectors"
+    for name, what in needed.items():
+        if not (path / name).is_file():
+            raise AdapterError(f"adapter `{path}` is incomplete: `{path / name}` ({what}) is missing; restore that "
+                               f"file, or {_retrain_hint(path)}")
+    return meta
+
+
+def _retrain_hint(path: Path) -> str:
+    run = path.parent.parent if path.parent.name == "adapters" else None
+    if run is not None:
+        return (f"train the run again (move `{run}` aside, then `mmagent train` its recipe; `{run / 'recipe.json'}` "
+                "holds the settings it used)")
+    return "train the adapter again with `mmagent train RECIPE.toml`"
 
 
 def check_base(meta: dict, fingerprint: str, path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmagent.backends import TextStream, prompt_parts
+from mmagent.backends import TextStream, check_fits, check_image, prompt_parts
 from mmagent.bundle import BundleError, read_manifest, verify
 
 
@@ -86,11 +86,14 @@ class EdgeBackend:
         placeholder = self.prompt["image_token"] * (n_soft + self.prompt["n_image_tokens"])
         prompt = chat_prompt(self.template, self.prompt["system"], placeholder, instruction, text, history)
         before, after = prompt.split(placeholder, 1)
+        before, after = self.llm.tokenize(before), self.llm.tokenize(after)
+        check_fits(len(before) + n_soft + self.prompt["n_image_tokens"] + len(after), self.llm.n_ctx)
+        check_image(image)
         bridge = adapter if adapter and "bridge" in self.has[adapter] else None
         rows = self.vision.run(preprocess(image, self.prompt["image"]), bridge)[0]
         if soft is not None:
             rows = np.concatenate([soft, rows])
-        return [self.llm.tokenize(before), np.ascontiguousarray(rows, dtype=np.float32), self.llm.tokenize(after)]
+        return [before, np.ascontiguousarray(rows, dtype=np.float32), after]
 
     def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text, stop_at_eos=True):
         t0 = time.perf_counter()

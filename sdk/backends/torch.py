@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mmagent.backends import TextStream, prompt_parts
+from mmagent.backends import TextStream, check_fits, check_image, prompt_parts
 
 
 def adapter_dirs(paths: list[Path]) -> tuple[list[Path], Path | None]:
@@ -28,6 +28,30 @@ def adapter_dirs(paths: list[Path]) -> tuple[list[Path], Path | None]:
     return found, model_dir
 
 
+def check_unique_names(metas: dict[Path, dict]) -> None:
+    """One model holds one adapter per name: two adapters named alike would leave one silently unused."""
+    by_name: dict[str, list[Path]] = {}
+    for d, meta in metas.items():
+        by_name.setdefault(meta["task"], []).append(d)
+    clashes = {name: ds for name, ds in by_name.items() if len(ds) > 1}
+    if not clashes:
+        return
+    from mmagent.train.adapters import AdapterError
+    lines = []
+    for name, ds in clashes.items():
+        where = [str(d.parent.parent) if d.parent.name == "adapters" else str(d) for d in ds]
+        if len({Path(d).resolve() for d in ds}) < len(ds):
+            lines.append(f"adapter `{name}` is given more than once ({', '.join(f'`{d}`' for d in ds)}); "
+                         "list each run once")
+        else:
+            lines.append(f"adapter `{name}` is in {len(ds)} runs: {', '.join(f'`{w}`' for w in where)} "
+                         f"({', '.join(f'`{d}`' for d in ds)})")
+    raise AdapterError("adapter names must differ, one model holds one adapter per name:\n  " + "\n  ".join(lines)
+                       + "\nfix: train one of them again under another adapter name with `run.adapter=NAME` (and a run "
+                         "directory of its own), e.g. `mmagent train RECIPE.toml run.name=vqa2 run.adapter=vqa2`, "
+                         "then load or export the runs together")
+
+
 class TorchBackend:
     def __init__(self, paths: list[Path], device: str | None = None):
         from mmagent.agent import AdapterInfo
@@ -37,6 +61,7 @@ class TorchBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dirs, model_dir = adapter_dirs(paths)
         metas = {d: ad.read_adapter_meta(d) for d in dirs}
+        check_unique_names(metas)
         if model_dir is not None:
             base = Base(str(model_dir), model_dir, fingerprint(model_dir))
         elif metas:
@@ -59,6 +84,11 @@ class TorchBackend:
                                               meta.get("soft_prompt_tokens", 0))
             system = system or meta.get("system")
         self.vlm = VLM(model.to(self.device).eval(), tokenizer, processor, **({"system": system} if system else {}))
+
+    @property
+    def context_length(self) -> int:
+        """Positions the LLM was built for (its max_position_embeddings)."""
+        return int(self.vlm.family.text_config(self.vlm.base_model).max_position_embeddings)
 
     def fresh_base(self):
         """Another copy of the base without adapters (exporters need plain modules)."""
@@ -92,6 +122,10 @@ class TorchBackend:
         n_soft = 0 if soft is None else soft.shape[1]
         prompt = self.vlm.tokenizer(self.vlm.prompt_text(instruction, text, n_soft, history),
                                     add_special_tokens=False).input_ids
+        n_ctx = self.context_length
+        check_fits(len(prompt), n_ctx)
+        max_new_tokens = min(max_new_tokens, n_ctx - len(prompt))  # stop at the context's end, as llama.cpp does
+        check_image(image)
         pixels = self.vlm.pixels([image]).to(self.device)
         stream, first = TextStream(self.decode, on_text), []
 
