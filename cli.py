@@ -40,10 +40,15 @@ def train(recipe: Path = typer.Argument(..., help="recipe TOML, e.g. recipes/vqa
     """Train a task adapter (or, with train.method=full, a base) from a recipe."""
     from mmagent.train.recipe import load_recipe
     from mmagent.train.run import run_recipe
+    from mmagent.train.rundir import TrainingInterrupted
     try:
         run_recipe(load_recipe(recipe, overrides or []), resume, console)
     except USER_ERRORS as e:
         fail(e)
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: checkpointed; exit 130 / 143 as a shell would
+        from rich.markup import escape
+        err.print(f"[bold yellow]stopped:[/] {escape(str(e))}")
+        raise typer.Exit(e.exit_code)
 
 
 @app.command("eval")

@@ -7,24 +7,42 @@ out=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name --format=csv,noheader
 steps=${STEPS:-"600 1500 3000"}
 common="data.train_images=4000 tasks.0.max_eval=100 tasks.1.max_eval=200"
-vqa="tasks.0.max_eval=600"
-declare -A variants=(
-  [A_targets_b32]="train.loss_vocab=targets"
-  [B_targets_b16]="train.loss_vocab=targets train.batch_size=16"
-  [C_targets_b32_lr2e-3]="train.loss_vocab=targets train.lr=2e-3"
-  [D_full_b32]="train.loss_vocab=full"
-  [E_targets_b16_lr2e-3]="train.loss_vocab=targets train.batch_size=16 train.lr=2e-3"
-)
+# the VQA stage as recipes/vqa.toml was when these sweeps ran (docs/stage1_sweeps/): LoRA r=8, LLM q/v +
+# Q-Former query/value; a variant's own --vqa overrides come after and win
+vqa="tasks.0.max_eval=600 lora.r=8 lora.alpha=16 'lora.llm=[\"q_proj\",\"v_proj\"]' 'lora.bridge=[\"query\",\"value\"]' 'lora.vision=[]'"
+# name -> extra arguments of bench/stage1_curve.py (SWEEP picks a set); 8 queries unless a variant says
+declare -A variants
+if [ "${SWEEP:-1}" = 1 ]; then variants=(
+  [A_targets_b32]="--align train.loss_vocab=targets"
+  [B_targets_b16]="--align train.loss_vocab=targets train.batch_size=16"
+  [C_targets_b32_lr2e-3]="--align train.loss_vocab=targets train.lr=2e-3"
+  [D_full_b32]="--align train.loss_vocab=full"
+  [E_targets_b16_lr2e-3]="--align train.loss_vocab=targets train.batch_size=16 train.lr=2e-3"
+); else variants=(
+  [F_p16_48px]="--vision patch_size=16 image_size=48 --align train.loss_vocab=targets data.image_size=48 --vqa data.image_size=48"
+  [G_p8_48px]="--vision patch_size=8 image_size=48 --align train.loss_vocab=targets data.image_size=48 --vqa data.image_size=48"
+  [H_q16]="--queries 16 --align train.loss_vocab=targets"
+  [I_vqa_direct]="--align train.loss_vocab=targets tasks.0.name=vqa tasks.0.kind=vqa tasks.1.name=vqa2 tasks.1.kind=vqa"
+  [J_p16_48px_lr3e-3]="--vision patch_size=16 image_size=48 --align train.loss_vocab=targets train.lr=3e-3 data.image_size=48 --vqa data.image_size=48"
+  [K_4layers_vit]="--vision num_hidden_layers=4 --align train.loss_vocab=targets"
+); fi
+if [ "${SWEEP:-1}" = 3 ]; then variants=(
+  [P1_q16]="--queries 16 --steps 3000 --vqa-steps 600 2000 --align train.loss_vocab=targets"
+  [P3_q16_bigLoRA]="--queries 16 --steps 3000 --vqa-steps 2000 --align train.loss_vocab=targets --vqa lora.r=16 'lora.llm=[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\",\"gate_proj\",\"up_proj\",\"down_proj\"]' 'lora.bridge=[\"query\",\"key\",\"value\",\"dense\"]' 'lora.vision=[\"qkv\"]'"
+  [P4_q16_1500]="--queries 16 --steps 1500 --vqa-steps 600 2000 --align train.loss_vocab=targets"
+); fi
 python3 - <<'PY'  # write the worlds once, before the variants read them concurrently
 from mmagent.train.data.tasks import shapes_files
 from mmagent.train.recipe import DataSection
 for n in (4000, 2000):
-    shapes_files(DataSection(train_images=n))
+    for size in (64, 48):
+        shapes_files(DataSection(train_images=n, image_size=size))
 PY
 for name in "${!variants[@]}"; do
-  OMP_NUM_THREADS=2 python3 bench/stage1_curve.py --steps $steps --vqa-steps 300 --out "$out/$name.json" \
-    --align $common ${variants[$name]} --vqa $vqa > "$out/$name.log" 2>&1 &
+  case "${variants[$name]}" in *--steps*) args="";; *) args="--steps $steps --vqa-steps 300";; esac
+  eval "OMP_NUM_THREADS=2 python3 bench/stage1_curve.py $args --queries 8 --out \"$out/$name.json\" --align $common \
+    --vqa $vqa ${variants[$name]}" > "$out/$name.log" 2>&1 &
 done
 wait
-grep -h stage1_steps "$out"/*.log | head -40
-for f in "$out"/*.log; do echo "== $f"; tail -3 "$f" | cut -c1-300; done
+for f in "$out"/*.log; do echo "== $f"; grep -h stage1_steps "$f" || tail -3 "$f" | cut -c1-300; done
+rm -f "$out"/*.log

@@ -1,7 +1,7 @@
 """Does the embedded default see, and what does seeing cost? Held-out VQA accuracy (right / shuffled /
 blank image) against stage-1 training, each point a full base build followed by the VQA adapter.
 
-    python bench/stage1_curve.py --steps 400 800 1600 --vqa-steps 300 --out docs/stage1_curve.json \
+    python bench/stage1_curve.py --steps 400 800 1600 --vqa-steps 300 1000 --out docs/stage1_curve.json \
         [--align train.batch_size=16 ...] [--vqa lora.r=16 ...]
 
 Each point: recipes/align.toml with train.steps=N (and the --align overrides) builds a base from scratch;
@@ -19,7 +19,7 @@ from pathlib import Path
 from common import ROOT, machine
 
 
-def point(steps: int, align: list[str], vqa: list[str], vqa_steps: int, work: Path) -> dict:
+def point(steps: int, align: list[str], vqa: list[str], vqa_steps: list[int], work: Path) -> list[dict]:
     from rich.console import Console
     from mmagent.train.recipe import load_recipe
     from mmagent.train.trainer import Trainer
@@ -29,13 +29,27 @@ def point(steps: int, align: list[str], vqa: list[str], vqa_steps: int, work: Pa
     Trainer(load_recipe(ROOT / "recipes/align.toml", [f'run.output_dir="{base_run}"', "model.base=init:tiny",
                                                        f"train.steps={steps}", *align]), console=quiet).run()
     t1 = time.perf_counter()
-    results = Trainer(load_recipe(ROOT / "recipes/vqa.toml", [f'run.output_dir="{work}/vqa-{steps}"',
+    base = json.loads((base_run / "results.json").read_text())["adapter"]
+    return [vqa_point(steps, t1 - t0, base, n, vqa, base_run, work) for n in vqa_steps]
+
+
+def vqa_point(steps, stage1_seconds, base, vqa_steps, vqa, base_run, work) -> dict:
+    from rich.console import Console
+    from mmagent.train.recipe import load_recipe
+    from mmagent.train.trainer import Trainer
+    t1 = time.perf_counter()
+    results = Trainer(load_recipe(ROOT / "recipes/vqa.toml", [f'run.output_dir="{work}/vqa-{steps}-{vqa_steps}"',
                                                              f'model.base="{base_run}/model"',
                                                              f"train.steps={vqa_steps}", "train.checkpoint_every=0",
-                                                             "train.eval_base=false", *vqa]), console=quiet).run()
+                                                             "train.eval_base=false", "train.baselines=[]", *vqa]),
+                      console=Console(quiet=True)).run()
     t2 = time.perf_counter()
     m = results["adapter"]["vqa"]
-    return {"stage1_steps": steps, "stage1_seconds": round(t1 - t0, 1), "vqa_seconds": round(t2 - t1, 1),
+    cap = base.get("caption", {})
+    return {"stage1_steps": steps, "stage1_seconds": round(stage1_seconds, 1), "vqa_steps": vqa_steps,
+            "vqa_seconds": round(t2 - t1, 1),
+            "base_caption_object_recall": round(cap.get("object_recall", -1), 1),
+            "base_caption_object_recall_shuffled": round(cap.get("shuffled_image_object_recall", -1), 1),
             "right": round(m["vqa_accuracy"], 1), "shuffled": round(m["shuffled_image"], 1),
             "blank": round(m["blank_image"], 1), "image_gain": round(m["image_gain"], 1),
             "by_answer_type": {k: round(v["accuracy"], 1) for k, v in m["by_answer_type"].items()},
@@ -43,21 +57,48 @@ def point(steps: int, align: list[str], vqa: list[str], vqa_steps: int, work: Pa
             "compositional": round(results.get("adapter_compositional", {}).get("vqa", {}).get("vqa_accuracy", -1), 1)}
 
 
+def table(folder: Path) -> str:
+    """The markdown table of every sweep JSON in `folder` (docs/RESULTS.md's stage-1 table)."""
+    lines = ["| sweep | queries | ViT changes | stage-1 steps | VQA steps | right | shuffled | blank | number | other | "
+             "yes/no | base caption object recall |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in sorted(folder.glob("*.json")):
+        d = json.loads(f.read_text())
+        for p in d["points"]:
+            a, rec = p["by_answer_type"], p.get("base_caption_object_recall", "")
+            lines.append(f"| {f.stem} | {d.get('queries') or 8} | {' '.join(d.get('vision') or []) or '-'} | "
+                         f"{p['stage1_steps']} | {p.get('vqa_steps', 300)} | {p['right']} | {p['shuffled']} | "
+                         f"{p['blank']} | {a['number']} | {a['other']} | {a['yes/no']} | {rec} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, nargs="+", required=True)
-    ap.add_argument("--vqa-steps", type=int, default=300)
-    ap.add_argument("--align", nargs="*", default=[])
-    ap.add_argument("--vqa", nargs="*", default=[])
+    ap.add_argument("--table", type=Path, help="print the table of a folder of sweep JSONs and stop")
+    ap.add_argument("--steps", type=int, nargs="+")
+    ap.add_argument("--vqa-steps", type=int, nargs="+", default=[300])
+    ap.add_argument("--align", nargs="*", action="extend", default=[])
+    ap.add_argument("--vqa", nargs="*", action="extend", default=[])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--vision", nargs="*", default=[], help="builtin ViT config changes, e.g. patch_size=16")
+    ap.add_argument("--qformer", nargs="*", default=[], help="builtin Q-Former config changes")
+    ap.add_argument("--queries", type=int, help="number of Q-Former query tokens")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    from mmagent.train import builtin  # architecture variants for this experiment only, not the cached bases
+    for target, changes in ((builtin.VISION, args.vision), (builtin.QFORMER, args.qformer)):
+        target.update({k: int(v) for k, v in (c.split("=") for c in changes)})
+    builtin.N_QUERY_TOKENS = args.queries or builtin.N_QUERY_TOKENS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for steps in args.steps:
-            rows.append(point(steps, args.align, args.vqa, args.vqa_steps, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
+            for row in point(steps, args.align, args.vqa, args.vqa_steps, Path(tmp)):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"machine": machine(), "align": args.align, "vqa": args.vqa,
+                                        "vision": args.vision, "qformer": args.qformer, "queries": args.queries,
                                         "vqa_steps": args.vqa_steps, "points": rows}, indent=1) + "\n")
 
 

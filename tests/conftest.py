@@ -72,3 +72,10 @@ def sample_image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("images") / "scene.png"
     draw_scene(sample_scene(random.Random(0)), 64).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def agents(bundle, two_runs):
+    """The same two adapters behind both backends: torch (the runs) and edge (their bundle)."""
+    from mmagent import Agent
+    return {"torch": Agent.load(two_runs), "edge": Agent.load(bundle)}

@@ -69,15 +69,18 @@ class TaskSection:
     eval_questions: str = doc("held-out VQAv2 questions JSON", "")
     eval_annotations: str = doc("held-out VQAv2 annotations JSON", "")
     eval_images: str = doc("held-out image folder", "")
-    max_eval: int = doc("held-out examples evaluated per task", 200)
+    max_eval: int = doc("held-out examples evaluated per task; 0 = all (a seeded sample spread over every "
+                        "held-out image otherwise)", 0)
 
 
 @dataclass
 class DataSection:
     source: str = doc("builtin:shapes generates the task files; 'files' uses each task's paths", "builtin:shapes")
-    train_images: int = doc("builtin:shapes training images", 2000)
+    train_images: int = doc("builtin:shapes training images", 4000)
     eval_images: int = doc("builtin:shapes held-out images (disjoint from training)", 200)
     image_size: int = doc("builtin:shapes image side in pixels", 64)
+    world: str = doc("builtin:shapes world: base (3 shapes, 4 colours) | shift (adds 2 colours and a shape the "
+                     "base never saw: a domain shift)", "base")
     max_pixels: int = doc("refuse images above this many pixels", 40_000_000)
 
 
@@ -96,6 +99,10 @@ class TrainSection:
     max_new_tokens: int = doc("generation length at evaluation", 24)
     log_every: int = doc("write metrics.jsonl every N steps", 10)
     eval_base: bool = doc("also evaluate the base without the adapter, for the comparison", True)
+    baselines: list[str] = doc("baselines trained and reported beside the adapter: llm_only (the same LoRA on the "
+                               "LLM alone, no bridge/vision LoRA, no soft prompt)", factory=list)
+    loss_vocab: str = doc("full: softmax over the whole vocabulary | targets: over the tokens that occur in the "
+                          "training answers (much cheaper for a small LLM with a large vocabulary)", "full")
 
 
 @dataclass
@@ -176,14 +183,50 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), parsed
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], problems: list[str] | None = None) -> dict:
+    """Set each `key=value` in the parsed TOML. One that cannot be set (an index past the [[tasks]], a value
+    used as a table) is a problem: added to `problems` when given, to be reported with the recipe's others;
+    else raised as a RecipeError."""
+    found: list[str] = [] if problems is None else problems
     for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        node[path[-1]] = value
+        try:
+            path, value = parse_override(text)
+        except RecipeError as e:
+            found += e.problems
+            continue
+        problem = _set_key(raw, path, value)
+        if problem:
+            found.append(f"`{text}`: {problem}")
+    if problems is None and found:
+        raise RecipeError("overrides", found)
     return raw
+
+
+def _set_key(raw: dict, path: list[str], value) -> str | None:
+    """Set raw[path] = value; a description of why it cannot be set, or None."""
+    node, where = raw, ""
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                return f"`{where}` is a list: index it with a number, e.g. `{where}.0`"
+            if int(part) >= len(node):
+                return (f"`{where}` has {len(node)} entr{'y' if len(node) == 1 else 'ies'}, so there is no "
+                        f"`{where}.{part}` (indices start at 0); add a [[{where}]] table to the recipe for another")
+            if last:
+                node[int(part)] = value
+                return None
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return None
+            node = node.setdefault(part, {})
+        else:
+            return (f"`{where}` is a value ({node!r}), not a table, so it has no key `{part}`; "
+                    f"set it with `{where}=<value>`")
+        where = f"{where}.{part}" if where else part
+    return None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -192,15 +235,25 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         shipped = sorted(p.name for p in (Path(__file__).parents[1] / "recipes").glob("*.toml")) \
             if (Path(__file__).parents[1] / "recipes").is_dir() else []
         raise RecipeError(str(path), [f"file not found; shipped recipes: {', '.join(shipped) or 'see recipes/'}"])
+    data = path.read_bytes()
     try:
-        raw = tomllib.loads(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RecipeError(str(path), [f"not UTF-8 text: byte 0x{data[e.start]:02x} at line {line} ({e.reason}); "
+                                      "save the file as UTF-8"]) from e
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(str(path), [f"not valid TOML: {e}; fix the syntax at that line"]) from e
-    return recipe_from_dict(apply_overrides(raw, list(overrides)), str(path))
-
-
-def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     problems: list[str] = []
+    raw = apply_overrides(raw, list(overrides), problems)
+    return recipe_from_dict(raw, str(path), problems)
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>", problems: list[str] | None = None) -> Recipe:
+    """Validate a parsed recipe; `problems` already found (e.g. by apply_overrides) are reported with the rest."""
+    problems = list(problems or [])
     sections = {}
     for key, value in raw.items():
         if key not in SECTION_TYPES:
@@ -210,6 +263,10 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
         elif key == "tasks":
             if not isinstance(value, list):
                 problems.append("`tasks`: expected [[tasks]] tables")
+                continue
+            bad = [i for i, t in enumerate(value) if not isinstance(t, dict)]
+            if bad:
+                problems.append(f"`tasks[{bad[0]}]`: expected a [[tasks]] table, got {value[bad[0]]!r}")
                 continue
             sections["tasks"] = [_build(TaskSection, t, f"tasks[{i}].", problems) for i, t in enumerate(value)]
         elif not isinstance(value, dict):
@@ -224,14 +281,30 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
+def _help(cls, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
 def semantic_problems(r: Recipe) -> list[str]:
     p = []
     t = r.train
-    for name in ("steps", "batch_size", "grad_accum"):
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "max_new_tokens"):
         if getattr(t, name) < 1:
             p.append(f"`train.{name}`: expected at least 1, got {getattr(t, name)}")
+    for name in ("eval_every", "warmup_steps", "checkpoint_every"):
+        if getattr(t, name) < 0:
+            p.append(f"`train.{name}`: expected 0 or more, got {getattr(t, name)}; "
+                     f"{_help(TrainSection, name)}")
+    for name in ("max_pixels", "train_images", "eval_images", "image_size"):
+        if getattr(r.data, name) < 1:
+            p.append(f"`data.{name}`: expected at least 1, got {getattr(r.data, name)}; {_help(DataSection, name)}")
     if t.lr <= 0:
         p.append(f"`train.lr`: expected a positive learning rate, got {t.lr}; try 1e-3 for LoRA")
+    for b in t.baselines:
+        if b != "llm_only":
+            p.append(f"`train.baselines`: unknown baseline {b!r}; baselines: llm_only")
+    if t.loss_vocab not in ("full", "targets"):
+        p.append(f"`train.loss_vocab`: expected full or targets, got {t.loss_vocab!r}")
     if t.method not in ("lora", "full"):
         p.append(f"`train.method`: expected lora or full, got {t.method!r}")
     for part in t.parts:
@@ -255,10 +328,14 @@ def semantic_problems(r: Recipe) -> list[str]:
             p.append(f"`tasks[{i}].name`: missing; name the task (e.g. {task.kind or 'vqa'})")
         if task.ratio <= 0:
             p.append(f"`tasks[{i}].ratio`: expected a positive share, got {task.ratio}")
+        if task.max_eval < 0:
+            p.append(f"`tasks[{i}].max_eval`: expected 0 (all) or more, got {task.max_eval}")
         if r.data.source == "files" and not (task.jsonl or task.captions or task.questions):
             p.append(f"`tasks[{i}]`: data.source is 'files' but the task names no jsonl, captions or questions file")
     if len(set(names)) != len(names):
         p.append(f"`tasks`: task names must be unique, got {names}")
+    if r.data.world not in ("base", "shift"):
+        p.append(f"`data.world`: expected base or shift, got {r.data.world!r}")
     if r.data.source not in ("builtin:shapes", "files"):
         p.append(f"`data.source`: expected builtin:shapes or files, got {r.data.source!r}")
     return p

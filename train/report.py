@@ -1,4 +1,5 @@
-"""The run report: report.md with the scores against the base and an SVG loss curve (no plotting library)."""
+"""The run report: report.md with every score beside its controls (shuffled and blank image), the base and
+the baselines, per answer type, and an SVG loss curve."""
 from __future__ import annotations
 
 import json
@@ -25,19 +26,65 @@ def primary(metrics: dict) -> tuple[str, float]:
     return key, metrics[key]
 
 
-SCORE_COLUMNS = ("task", "metric", "adapter", "base", "gain")
+def control(metrics: dict, name: str) -> float:
+    """A control's value of the primary metric (caption controls hold all caption scores)."""
+    value = metrics[f"{name}_image"]
+    return value[primary(metrics)[0]] if isinstance(value, dict) else value
+
+
+SCORE_COLUMNS = ("task", "split", "metric", "right", "shuffled", "blank", "gain", "base", "LLM-only")
+SPLITS = (("adapter", "held-out"), ("adapter_compositional", "unseen pairs"))
+METRIC_NAMES = {"vqa_accuracy": "VQA acc", "cider": "CIDEr-D"}
+
+
+def _score(results: dict, section: str, task: str) -> str:
+    m = results.get(section, {}).get(task)
+    return "" if m is None else f"{primary(m)[1]:.1f}"
 
 
 def score_rows(results: dict) -> list[tuple[str, ...]]:
-    """One row a task: its primary metric for the adapter, the base (if evaluated) and the gain."""
+    """A row per task and split: the primary metric with the right, a shuffled and a blank image, the image
+    gain (right - shuffled), the base and the LLM-only LoRA baseline where they were evaluated."""
     rows = []
-    for task, m in results["adapter"].items():
-        key, value = primary(m)
-        base = results.get("base", {}).get(task)
-        b = primary(base)[1] if base else None
-        rows.append((task, key, f"{value:.1f}", "" if b is None else f"{b:.1f}",
-                     "" if b is None else f"{value - b:+.1f}"))
+    baseline = results.get("baselines", {}).get("llm_only", {})
+    for section, split in SPLITS:
+        for task, m in results.get(section, {}).items():
+            key, value = primary(m)
+            rows.append((task, split, METRIC_NAMES.get(key, key), f"{value:.1f}", f"{control(m, 'shuffled'):.1f}",
+                         f"{control(m, 'blank'):.1f}", f"{m['image_gain']:+.1f}",
+                         _score(results, "base", task) if section == "adapter" else "",
+                         _score(baseline, section, task)))
     return rows
+
+
+LEGEND = ("Right: with the question's own image. Shuffled: with another held-out scene's image. Blank: with one "
+          "plain image of the held-out images' mean colour. Gain = right - shuffled: what looking adds. Unseen "
+          "pairs: held-out scenes with colour x shape pairs training never shows. LLM-only: the same LoRA on "
+          "the LLM alone (train.baselines).")
+
+
+def detail_lines(results: dict) -> list[str]:
+    """Per answer type (VQA) and object recall (captions), each with its controls."""
+    lines = []
+    for task, m in results.get("adapter", {}).items():
+        if "by_answer_type" in m:
+            lines += ["", f"### {task}: by answer type (held-out)", "",
+                      "| answer type | n | right image | shuffled image | blank image | most common answer (share) |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {t} | {v['n']} | {v['accuracy']:.1f} | {v['shuffled_image']:.1f} | {v['blank_image']:.1f} | "
+                      f"`{v['top_answer']}` ({v['top_answer_share']:.0f}%) |" for t, v in m["by_answer_type"].items()]
+        if "object_recall" in m:
+            lines += ["", f"{task}: objects named with the right colour and shape: {m['object_recall']:.1f}% "
+                      f"(shuffled image {m['shuffled_image_object_recall']:.1f}%, blank "
+                      f"{m['blank_image_object_recall']:.1f}%)"]
+        if m.get("not_computed"):
+            lines += ["", f"{task}: not computed: {', '.join(m['not_computed'])} (they need Java tools)"]
+    stage1 = results.get("base_stage1", {})
+    if stage1.get("caption", {}).get("object_recall") is not None:
+        c = stage1["caption"]
+        lines += ["", f"The base's own greedy captions (stage 1, held-out images) name {c['object_recall']:.1f}% of "
+                  f"objects with the right colour and shape (shuffled image {c['shuffled_image_object_recall']:.1f}%)."]
+    return lines
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -54,10 +101,15 @@ def read_metrics(path: Path) -> list[dict]:
 def write_report(run_dir: Path, results: dict) -> None:
     lines = ["# Run report", "", "| " + " | ".join(SCORE_COLUMNS) + " |", "|---" * len(SCORE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in score_rows(results)]
+    lines += ["", LEGEND + " Base: " + results.get("base_protocol", "not evaluated") + "."]
+    lines += detail_lines(results)
+    n_bad = sum(m.get("unreadable_images", 0) for section in ("adapter", "adapter_compositional")
+                for m in results.get(section, {}).values())
+    lines += ["", f"Unreadable held-out images (not scored): {n_bad}"]
     points = [(e["step"], e["loss"]) for e in read_metrics(run_dir / "metrics.jsonl") if "loss" in e]
     svg = loss_svg(points)
     if svg:
         atomic_write_bytes(run_dir / "loss.svg", svg.encode())
         lines += ["", "![loss](loss.svg)"]
-    lines += ["", f"Unreadable images skipped: {results.get('skipped_images', 0)}", ""]
+    lines += ["", f"Unreadable training images skipped: {results.get('skipped_images', 0)}", ""]
     atomic_write_bytes(run_dir / "report.md", "\n".join(lines).encode())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -20,24 +21,79 @@ def score_table(results: dict) -> Table:
 
 
 def run_recipe(recipe, resume: bool, console: Console) -> dict:
+    from mmagent.train.rundir import RunLock
     from mmagent.train.trainer import Trainer
-    results = Trainer(recipe, resume=resume, console=console).run()
+    with RunLock(recipe.run_dir):  # the run and its baselines are one writer's, start to end
+        results = Trainer(recipe, resume=resume, console=console).run()
+        if recipe.train.baselines:
+            results = run_baselines(recipe, results, console)
     console.print(score_table(results))
     where = recipe.run_dir / ("adapters/" + recipe.adapter_name if recipe.train.method == "lora" else "model")
     console.print(f"run directory: [bold]{recipe.run_dir}[/]  ({where}, report.md, metrics.jsonl)")
     return results
 
 
+BASELINES = {"llm_only": ["lora.bridge=[]", "lora.vision=[]", "soft_prompt.tokens=0"]}
+
+
+def run_baselines(recipe, results: dict, console: Console) -> dict:
+    """Train each baseline the recipe names under <run>/baselines/<name> and report it beside the adapter."""
+    from mmagent.files import atomic_write_json
+    from mmagent.train.recipe import apply_overrides, recipe_from_dict
+    from mmagent.train.report import write_report
+    from mmagent.train.trainer import Trainer
+    for name in recipe.train.baselines:
+        console.print(f"baseline [bold]{name}[/]: the same recipe with {' '.join(BASELINES[name])}")
+        raw = apply_overrides(recipe.to_dict(), [*BASELINES[name], f'run.output_dir="{recipe.run_dir / "baselines" / name}"',
+                                                 "train.baselines=[]", "train.eval_base=false"])
+        # a baseline belongs to the run that was just (re)trained: an older one in the run is replaced
+        shutil.rmtree(recipe.run_dir / "baselines" / name, ignore_errors=True)
+        sub = Trainer(recipe_from_dict(raw, f"{recipe.source} (baseline {name})"), console=console).run()
+        results.setdefault("baselines", {})[name] = {k: v for k, v in sub.items() if k.startswith("adapter")}
+    atomic_write_json(recipe.run_dir / "results.json", results)
+    write_report(recipe.run_dir, results)
+    return results
+
+
 def evaluate_run(run_dir: Path, with_base: bool, console: Console) -> dict:
+    from mmagent.train import adapters as ad
     from mmagent.train.recipe import recipe_from_dict
     from mmagent.train.trainer import Trainer
-    raw = json.loads((Path(run_dir) / "recipe.json").read_text())
-    recipe = recipe_from_dict(raw, str(run_dir / "recipe.json"))
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / "recipe.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory `{run_dir}` does not exist; give the folder `mmagent train` wrote "
+                                "(runs/<name>)")
+    if not recipe_file.is_file():
+        if (run_dir / "manifest.json").is_file():
+            raise FileNotFoundError(f"`{run_dir}` is an exported bundle, not a run directory: `mmagent eval` "
+                                    f"re-scores a run from its `recipe.json`; give the run it was exported from "
+                                    f"(runs/<name>), or use the bundle with `mmagent info {run_dir}` / "
+                                    "`Agent.load`")
+        raise FileNotFoundError(f"`{recipe_file}` is missing, so `{run_dir}` is not a run directory written by "
+                                "`mmagent train`; give runs/<name>")
+    try:
+        raw = json.loads(recipe_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"`{recipe_file}` is not valid JSON ({e}); restore it, or train the run again") from e
+    recipe = recipe_from_dict(raw, str(recipe_file))
+    adapter = run_dir / "adapters" / recipe.adapter_name
+    if recipe.train.method != "lora":
+        raise ValueError(f"`{run_dir}` trained a full model (train.method={recipe.train.method}), not an adapter; "
+                         "`mmagent eval` evaluates adapter runs: use the model as a base "
+                         f"(model.base=\"{run_dir / 'model'}\") in a recipe instead")
+    if not (adapter / "mmagent_adapter.json").is_file():
+        raise FileNotFoundError(f"the run's adapter `{adapter}` is missing (no mmagent_adapter.json); the run did "
+                                "not finish or the folder was removed: resume it with `mmagent train RECIPE.toml "
+                                "--resume`, or train it again")
+    ad.read_adapter_meta(adapter)  # the adapter's files are all there, or an error that names the missing one
     trainer = Trainer(recipe, console=console, evaluate_only=True)
     trainer.setup()
-    trainer.load_adapter(Path(run_dir) / "adapters" / recipe.adapter_name)
+    trainer.load_adapter(adapter)
     results = {"adapter": trainer.evaluate(True)}
+    if "comp" in trainer.eval_records:
+        results["adapter_compositional"] = trainer.evaluate(True, "comp")
     if with_base:
-        results["base"] = trainer.evaluate(False)
+        results["base"], results["base_protocol"] = trainer.evaluate_base()
     console.print(score_table(results))
     return results

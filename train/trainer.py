@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -20,14 +22,16 @@ from mmagent.train import adapters as ad
 from mmagent.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from mmagent.train.data.records import DataError, default_instruction
 from mmagent.train.data.stream import TaskMixture
-from mmagent.train.data.tasks import check_images_exist, eval_subset, task_records
-from mmagent.train.evaluate import evaluate_tasks
+from mmagent.train.data.tasks import check_images_exist, eval_subset, file_digests, task_records
+from mmagent.train.evaluate import answer_vocabulary, evaluate_tasks
 from mmagent.train.recipe import Recipe
 from mmagent.train.report import read_metrics, write_report
+from mmagent.train.rundir import RunLock, TrainingInterrupted, check_fresh, check_resume
 from mmagent.train.vlm import VLM
 
 
 MAX_BAD_IN_A_ROW = 100  # a skip is for the odd broken file, not for a folder of them
+BASE_EVAL = 300  # held-out examples a task for the base's (ranked, slower) evaluation: a seeded spread sample
 
 
 def lr_lambda(warmup: int, total: int):
@@ -46,12 +50,21 @@ class Trainer:
         self.console = console or Console()
         self.run_dir = recipe.run_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.skipped: list[str] = []
+        self.skipped: list[str] = []  # one message per distinct unreadable image
+        self.lock: RunLock | None = None
+        self.stop_signal: int | None = None
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
+        self._check_run_dir()  # takes the run directory's lock: released by finish() or close()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
         r = self.recipe
-        self._check_run_dir()
         torch.manual_seed(r.run.seed)
         self._setup_data()
         model, tokenizer, image_processor, self.base = self._load_base()
@@ -63,22 +76,44 @@ class Trainer:
             embed = self.vlm.family.embed_tokens(self.vlm.base_model)
             self.soft_prompt = ad.SoftPrompt(embed, r.soft_prompt.tokens, r.run.seed).to(self.device)
         self._setup_optimizer()
+        self.loss_vocab = self._target_vocab() if r.train.loss_vocab == "targets" and self.train_records else None
         self.step, self.position = 0, 0
         if self.resume:
             self._resume()
+        if not self.evaluate_only:  # recipe.json says what this run trains with, from its start
+            atomic_write_json(self.run_dir / "recipe.json", r.to_dict())
         self._print_trainable()
 
     def _setup_data(self) -> None:
-        """Records per task; evaluation alone reads only the held-out split."""
+        """Records per task; evaluation alone reads only the held-out splits."""
         r = self.recipe
         self.train_records = {} if self.evaluate_only else {t.name: task_records(t, r.data, "train") for t in r.tasks}
-        self.eval_records = {t.name: eval_subset(task_records(t, r.data, "eval"), t.kind, t.max_eval)
-                             for t in r.tasks}
-        for name, recs in {**self.train_records, **{f"{k} (eval)": v for k, v in self.eval_records.items()}}.items():
+        self.eval_records = {"eval": self._eval_split("eval")}
+        if r.data.source == "builtin:shapes":  # colour x shape pairs that training never shows
+            self.eval_records["comp"] = self._eval_split("comp")
+        self.eval_records["base"] = {t.name: eval_subset(self.eval_records["eval"][t.name], t.kind, BASE_EVAL,
+                                                         r.run.seed) for t in r.tasks}
+        for name, recs in self.train_records.items():
             check_images_exist(recs, name)
+        for split in ("eval", "comp"):
+            for name, recs in self.eval_records.get(split, {}).items():
+                check_images_exist(recs, f"{name} ({split})")
         if self.train_records:
             self._check_disjoint()
             self.mixture = TaskMixture(self.train_records, {t.name: t.ratio for t in r.tasks}, r.run.seed)
+
+    def _eval_split(self, split: str) -> dict[str, list[dict]]:
+        r = self.recipe
+        return {t.name: eval_subset(task_records(t, r.data, split), t.kind, t.max_eval, r.run.seed) for t in r.tasks}
+
+    def _target_vocab(self) -> torch.Tensor:
+        """Sorted ids of every token in the training text: answers, and the prompts' tokens too, so that
+        what the model reads is also pushed down as an answer (else a prompt word could win at decoding)."""
+        tok, records = self.vlm.tokenizer, [rec for recs in self.train_records.values() for rec in recs]
+        texts = sorted({rec[k] for rec in records for k in ("instruction", "input", "output")} |
+                       {self.vlm.prompt_text(records[0]["instruction"], records[0]["input"])})
+        ids = {i for ids in tok(texts, add_special_tokens=False).input_ids for i in ids} | {tok.eos_token_id}
+        return torch.tensor(sorted(ids), device=self.device)
 
     def _setup_optimizer(self) -> None:
         """AdamW with its own group (and learning rate) for the soft prompt; warm-up then cosine."""
@@ -93,19 +128,42 @@ class Trainer:
             self.optimizer, lr_lambda(r.train.warmup_steps, r.train.steps))
 
     def _check_run_dir(self) -> None:
+        """One writer at a time (a lock held until finish/close), never a silent replacement of a run, and
+        --resume only with the run's own settings (see mmagent.train.rundir)."""
         if self.evaluate_only:
             return
-        if self.run_dir.exists() and not self.resume and checkpoints(self.run_dir):
-            raise FileExistsError(f"run directory `{self.run_dir}` already has checkpoints; pass --resume to "
-                                  f"continue it or set run.output_dir=<new dir> (or delete it) to start over")
+        self.lock = RunLock(self.run_dir).acquire()
+        try:
+            if self.resume:
+                note = check_resume(self.run_dir, self.recipe.to_dict())
+                if note:
+                    self.console.print(f"[yellow]{note}")
+            else:
+                check_fresh(self.run_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the run directory (its lock); finish() and run() do this."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _check_disjoint(self) -> None:
+        """Held out means held out by content: no held-out image may equal a training image, whatever its
+        file name (compared by a hash of the file's bytes)."""
         for t in self.recipe.tasks:
-            train = {r["image_path"] for r in self.train_records[t.name]}
-            overlap = train & {r["image_path"] for r in self.eval_records[t.name]}
-            if overlap:
-                raise DataError(f"task `{t.name}`: {len(overlap)} held-out image(s) also in training, e.g. "
-                                f"`{next(iter(overlap))}`; held-out splits must use other images")
+            train = file_digests(self.train_records[t.name])
+            for split in ("eval", "comp"):
+                if split not in self.eval_records:
+                    continue
+                held = file_digests(self.eval_records[split][t.name])
+                overlap = set(train) & set(held)
+                if overlap:
+                    raise DataError(f"task `{t.name}`: {len(overlap)} {split} image(s) show exactly what a training "
+                                    f"image shows, e.g. `{held[next(iter(overlap))]}` = `{train[next(iter(overlap))]}`; "
+                                    "held-out images must differ in content, not just in file name")
 
     def _load_base(self):
         ref = self.recipe.model.base
@@ -150,11 +208,12 @@ class Trainer:
         found = checkpoints(self.run_dir)
         if not found:
             self.console.print(f"[yellow]no checkpoint in {self.run_dir}; starting from step 0")
+            self._truncate_metrics(0)  # what an earlier attempt logged is not this run's
             return
         step, path = found[-1]
         state = load_checkpoint(path, self.params, self.optimizer, self.scheduler)
         self.step, self.position = state["step"], state["position"]["example"]
-        self.skipped = state["position"].get("skipped", [])
+        self.skipped = list(dict.fromkeys(state["position"].get("skipped", [])))
         self._truncate_metrics(self.step)
         self.console.print(f"resumed from {path} (step {self.step})")
 
@@ -171,7 +230,8 @@ class Trainer:
                 images.append(load_image(rec["image_path"], self.recipe.data.max_pixels))
                 failures_in_a_row = 0
             except ImageError as e:
-                self.skipped.append(str(e))
+                if str(e) not in self.skipped:  # an image, not each of its captions/questions
+                    self.skipped.append(str(e))
                 failures_in_a_row += 1
                 if failures_in_a_row >= MAX_BAD_IN_A_ROW:
                     raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row (last: {e}); "
@@ -196,7 +256,7 @@ class Trainer:
             batch = self.next_batch(stream)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 sp = self.soft_prompt() if self.soft_prompt is not None else None
-                loss = self.vlm.loss(batch, sp) / t.grad_accum
+                loss = self.vlm.loss(batch, sp, self.loss_vocab) / t.grad_accum
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
@@ -213,7 +273,7 @@ class Trainer:
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.2e} {task.fields[sps]:.0f} samples/s"),
                    TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with Progress(*columns, console=self.console, transient=False) as progress, self._stop_on_signals():
             bar = progress.add_task(f"train {self.recipe.run.name}", total=t.steps, completed=self.step,
                                     loss=float("nan"), lr=0.0, sps=0.0)
             while self.step < t.steps:
@@ -229,23 +289,78 @@ class Trainer:
                     self.save_checkpoint()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                     self._log({"step": self.step, "eval": self.evaluate()})
+                if self.stop_signal is not None:
+                    break
         if self.skipped:
-            self.console.print(f"[yellow]skipped {len(self.skipped)} unreadable image(s); first: {self.skipped[0]}")
+            self.console.print(f"[yellow]skipped the examples of {len(self.skipped)} unreadable image(s); "
+                               f"first: {self.skipped[0]}")
+        if self.stop_signal is not None:
+            self._stop()
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """SIGINT (Ctrl-C) or SIGTERM while training: finish the current step, then _stop() (a second signal
+        stops at once; checkpoints are written atomically, so that loses only the steps since the last one)."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def _stop(self) -> None:
+        """Checkpoint the step training stopped at, let go of the run directory, say how to go on."""
+        if self.step not in {step for step, _ in checkpoints(self.run_dir)}:
+            self.save_checkpoint()
+        self.close()
+        name = signal.Signals(self.stop_signal).name
+        raise TrainingInterrupted(self.stop_signal, (
+            f"{name}: training stopped at step {self.step}/{self.recipe.train.steps}; checkpoint "
+            f"`{self.run_dir / 'checkpoints' / f'step-{self.step}'}` written. Continue with "
+            f"`mmagent train {self.recipe.source} --resume` (and the same key=value overrides)"))
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler,
                         {"example": self.position, "skipped": self.skipped})
 
     # ---- evaluation and output -----------------------------------------------------------------
-    def evaluate(self, with_adapter: bool = True) -> dict:
+    def evaluate(self, with_adapter: bool = True, split: str = "eval", candidates: dict | None = None) -> dict:
         sp = self.soft_prompt() if (self.soft_prompt is not None and with_adapter) else None
         bare = not with_adapter and hasattr(self.vlm.model, "disable_adapter")
         with torch.random.fork_rng(devices=[]), (self.vlm.model.disable_adapter() if bare else nullcontext()):
             self.vlm.model.eval()
-            result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records, sp,
-                                    self.recipe.train.max_new_tokens, self.device)
+            result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records[split], sp,
+                                    self.recipe.train.max_new_tokens, self.device, self.recipe.data.max_pixels,
+                                    self.recipe.run.seed, candidates)
             self.vlm.model.train()
         return result
+
+    def evaluate_base(self) -> tuple[dict, str]:
+        """The base without the adapter, scored fairly: VQA-like tasks rank the training answers (the base
+        was never taught to answer in that form), captions are generated as the base was trained to."""
+        r = self.recipe
+        candidates = {t.name: answer_vocabulary(self.train_records.get(t.name) or task_records(t, r.data, "train"))
+                      for t in r.tasks if t.kind != "caption"}
+        n = {name: len(c) for name, c in candidates.items()}
+        protocol = (f"the base without the adapter, on up to {BASE_EVAL} held-out examples a task; " + "; ".join(
+            f"{name} ranked over the {k} most common training answers (likelihood of answer + end token)"
+            for name, k in n.items()) + ("; captions generated" if len(n) < len(self.recipe.tasks) else ""))
+        return self.evaluate(False, "base", candidates), protocol
+
+    def base_stage1_results(self) -> dict:
+        """What the base's own build measured (builtin bases record their stage-1 results)."""
+        meta = Path(self.base.path) / "mmagent_base.json"
+        return json.loads(meta.read_text()).get("results", {}) if meta.is_file() else {}
 
     def _log(self, entry: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -262,9 +377,13 @@ class Trainer:
         """Evaluate adapter and base, write the adapter (or the full model) and the results."""
         r = self.recipe
         results = {"adapter": self.evaluate(True)}
+        if "comp" in self.eval_records:
+            results["adapter_compositional"] = self.evaluate(True, "comp")
         if r.train.method == "lora" and r.train.eval_base:
-            results["base"] = self.evaluate(False)
-        results["skipped_images"] = len(self.skipped)
+            results["base"], results["base_protocol"] = self.evaluate_base()
+        results["base_stage1"] = self.base_stage1_results()
+        results["skipped_images"] = len(self.skipped)  # distinct images
+        results["steps"] = self.step  # what --resume calls finished (mmagent.train.rundir)
         meta = {"task": r.adapter_name, "tasks": [t.name for t in r.tasks], "base_ref": self.base.ref,
                 "kinds": sorted({t.kind for t in r.tasks}),
                 "instructions": {t.kind: t.instruction or default_instruction(t.kind) for t in r.tasks},
@@ -281,6 +400,7 @@ class Trainer:
                                                        "path": str(self.base.path)})
         atomic_write_json(self.run_dir / "results.json", results)
         write_report(self.run_dir, results)
+        self.close()
         return results
 
     def save_full_model(self) -> None:
@@ -291,6 +411,9 @@ class Trainer:
             self.vlm.image_processor.save_pretrained(tmp)
 
     def run(self) -> dict:
-        self.setup()
-        self.train()
-        return self.finish()
+        try:
+            self.setup()
+            self.train()
+            return self.finish()
+        finally:
+            self.close()

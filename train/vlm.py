@@ -85,8 +85,11 @@ class VLM:
         return feats
 
     def input_embeds(self, input_ids, pixel_values, soft_prompt=None, instruction_ids=None) -> torch.Tensor:
+        return self.embed_with(input_ids, self.image_embeds(pixel_values, soft_prompt, instruction_ids))
+
+    def embed_with(self, input_ids, feats) -> torch.Tensor:
+        """Token embeddings with the placeholders filled by `feats` (B, n_soft + n_image, H) in order."""
         embeds = self.family.embed_tokens(self.base_model)(input_ids)
-        feats = self.image_embeds(pixel_values, soft_prompt, instruction_ids)
         mask = (input_ids == self.family.image_token_id(self.base_model)).unsqueeze(-1)
         if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"prompt has {int(mask.sum())} image placeholders, expected "
@@ -104,13 +107,21 @@ class VLM:
                                    batch.get("instruction_ids"))
         return self.hidden(embeds, batch["attention_mask"]).last_hidden_state
 
-    def loss(self, batch: dict, soft_prompt=None) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens; logits only where labels exist (the vocab is the cost)."""
+    def loss(self, batch: dict, soft_prompt=None, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; logits only where labels exist (the vocab is the cost).
+
+        `vocab` (sorted token ids holding every label) restricts the softmax to those tokens: exact for the
+        targets' relative odds, and for a from-scratch LLM on a small caption vocabulary most of the step
+        time saved (49k -> ~100 logits a position)."""
         h = self._last_hidden(batch, soft_prompt)
         labels = batch["labels"][:, 1:]
         keep = labels != -100
-        logits = self.family.head(self.base_model)(h[:, :-1][keep])
-        return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+        head = self.family.head(self.base_model)
+        if vocab is None:
+            return torch.nn.functional.cross_entropy(head(h[:, :-1][keep]).float(), labels[keep])
+        logits = torch.nn.functional.linear(h[:, :-1][keep], head.weight[vocab],
+                                            None if head.bias is None else head.bias[vocab])
+        return torch.nn.functional.cross_entropy(logits.float(), torch.searchsorted(vocab, labels[keep]))
 
     def logits(self, batch: dict, soft_prompt=None) -> torch.Tensor:
         return self.family.head(self.base_model)(self._last_hidden(batch, soft_prompt))

@@ -9,10 +9,6 @@ from mmagent.images import ImageError
 BACKENDS = ["torch", "edge"]
 
 
-@pytest.fixture(scope="module")
-def agents(bundle, two_runs):
-    return {"torch": Agent.load(two_runs), "edge": Agent.load(bundle)}
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ask_routes_and_reports(agents, backend, sample_image):

@@ -3,16 +3,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmagent import Agent
 from mmagent.backends import PromptTooLong
 from mmagent.images import ImageError
 
 BACKENDS = ["torch", "edge"]
 
-
-@pytest.fixture(scope="module")
-def agents(bundle, two_runs):
-    return {"torch": Agent.load(two_runs), "edge": Agent.load(bundle)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

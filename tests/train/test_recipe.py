@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,40 @@ def test_multitask_ratio_is_two_to_one():
     r = load_recipe(ROOT / "recipes/multitask.toml")
     ratios = {t.name: t.ratio for t in r.tasks}
     assert ratios == {"caption": 2.0, "vqa": 1.0}
+
+
+def test_counts_and_intervals_are_validated():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(ROOT / "recipes/vqa.toml", ["train.log_every=0", "train.eval_every=-1", "train.warmup_steps=-2",
+                                                "train.checkpoint_every=-5", "data.max_pixels=0",
+                                                "data.train_images=0", "data.eval_images=-1", "data.image_size=0",
+                                                "tasks.0.max_eval=-1"])
+    text = str(e.value)
+    for key in ("train.log_every", "train.eval_every", "train.warmup_steps", "train.checkpoint_every",
+                "data.max_pixels", "data.train_images", "data.eval_images", "data.image_size", "tasks[0].max_eval"):
+        assert f"`{key}`" in text, key
+    assert len(e.value.problems) == 9
+    r = load_recipe(ROOT / "recipes/vqa.toml", ["train.eval_every=0", "train.warmup_steps=0",
+                                                "train.checkpoint_every=0", "tasks.0.max_eval=0"])
+    assert r.train.checkpoint_every == 0 and r.tasks[0].max_eval == 0
+
+
+def test_overrides_that_cannot_be_set_are_problems_like_the_others():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(ROOT / "recipes/vqa.toml", ["tasks.3.name=x", "train.steps.x=1", "tasks.first.name=x",
+                                                "train.lr=-1", "nokey"])
+    text = str(e.value)
+    assert "vqa.toml" in text and "Traceback" not in text
+    assert "`tasks.3.name=x`: `tasks` has 1 entry, so there is no `tasks.3`" in text
+    assert re.search(r"`train.steps.x=1`: `train.steps` is a value \(\d+\), not a table", text)
+    assert "`tasks.first.name=x`: `tasks` is a list: index it with a number" in text
+    assert "`train.lr`" in text and "`nokey`: expected key=value" in text
+    assert len(e.value.problems) == 5
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('[run]\nname = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(RecipeError, match=r"(?s)latin1.toml.*not UTF-8 text: byte 0xe9 at line 2.*save the file as "
+                                          r"UTF-8"):
+        load_recipe(bad)

@@ -44,7 +44,8 @@ def test_adapter_loads_in_plain_peft_and_reproduces_logits(tmp_path, micro_base)
                      pixel_values=batch["pixel_values"]).logits
     assert not torch.allclose(bare, plain, atol=1e-4)
     meta = json.loads((tmp_path / "run/adapters/vqa/mmagent_adapter.json").read_text())
-    assert meta["parts"] == {"bridge": ["query", "value"], "llm": ["q_proj", "v_proj"]}
+    lora = trainer.recipe.lora
+    assert meta["parts"] == {"bridge": lora.bridge, "llm": lora.llm, "vision": lora.vision}  # what the recipe adapts
     assert (tmp_path / "run/report.md").exists()
     # `mmagent eval RUN` reloads the saved adapter and scores what the trainer scored
     from rich.console import Console
