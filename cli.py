@@ -194,6 +194,29 @@ def serve(model: Path = typer.Argument(..., help="bundle, run or model directory
         server.shutdown()
 
 
+@app.callback()
+def options(verbose: bool = typer.Option(False, "--verbose", "-v", help="also show third-party progress bars, "
+                                                                     "warnings and logs")):
+    if not verbose:
+        quiet_third_party()
+
+
+def quiet_third_party() -> None:
+    """Our progress and tables only: transformers' load/save bars, FutureWarnings and torch.onnx's notices
+    (e.g. torchvision missing) are set aside before those libraries are imported."""
+    import logging
+    import os
+    import warnings
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    third_party = r"(torch|transformers|peft|onnx|onnxscript|onnxruntime|copyreg)(\.|$)"
+    for category in (FutureWarning, DeprecationWarning, UserWarning):  # ours (DataWarning, ...) still show
+        warnings.filterwarnings("ignore", category=category, module=third_party)
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
     app()
 

@@ -146,7 +146,7 @@ def write_onnx_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) 
         if state:
             cfg = backend.vlm.model.peft_config[name]
             (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
-            write_adapter(state, cfg.lora_alpha, max(ranks), tmp / "adapters" / name / "bridge.onnx_adapter",
+            write_adapter(state, cfg.lora_alpha, cfg.r, tmp / "adapters" / name / "bridge.onnx_adapter",
                           onnx_path=tmp / "vision.onnx")
 
 

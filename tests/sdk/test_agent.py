@@ -15,7 +15,7 @@ def test_ask_routes_and_reports(agents, backend, sample_image):
     agent = agents[backend]
     assert sorted(agent.adapters) == ["caption", "vqa"]
     assert agent.adapter_info("caption").soft_prompt_tokens == 4
-    assert set(agent.adapter_info("vqa").parts) == {"llm", "bridge"}
+    assert set(agent.adapter_info("vqa").parts) == {"llm", "bridge", "vision"}  # recipes/vqa.toml adapts all three
     a = agent.ask(sample_image, "Describe the picture.", max_new_tokens=6)
     assert a.adapter == "caption" and "description" in a.reason and a.timings["total"] > 0
     assert agent.ask(sample_image, "is there a circle?", max_new_tokens=6).adapter == "vqa"

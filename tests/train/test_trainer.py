@@ -142,3 +142,20 @@ def test_missing_held_out_files_name_the_recipe_key(tmp_path):
     recipe = small_recipe(tmp_path / "run", "data.source=files", f'tasks.0.jsonl="{tmp_path}/t.jsonl"')
     with pytest.raises(DataError, match=r"no eval data: set `tasks\[\]\.eval_questions`"):
         Trainer(recipe).setup()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_cli_output_is_ours_unless_verbose(tmp_path, micro_base, mmagent_cache, verbose):
+    """Third-party progress bars and warnings stay out of normal output; -v shows them."""
+    from conftest import SMALL_DATA
+    args = [sys.executable, str(ROOT / "cli.py"), *(["-v"] if verbose else []), "train", str(ROOT / "recipes/vqa.toml"),
+            f'run.output_dir="{tmp_path / "run"}"', f'model.base="{micro_base}"', *SMALL_DATA, "data.image_size=64",
+            "train.steps=2", "train.batch_size=2", "tasks.0.max_eval=2", "train.checkpoint_every=0",
+            "train.eval_base=false", "train.baselines=[]"]
+    out = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "MMAGENT_CACHE": str(mmagent_cache),
+                                                                       "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "held-out scores" in text and "VQA acc" in text
+    noise = ("Loading weights" in text) or ("FutureWarning" in text)
+    assert noise == verbose, text[-3000:]
