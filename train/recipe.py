@@ -12,6 +12,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from mmagent.prompt import DEFAULT_SYSTEM
+
 
 class RecipeError(ValueError):
     def __init__(self, source: str, problems: list[str]):
@@ -35,7 +37,7 @@ class RunSection:
 @dataclass
 class ModelSection:
     base: str = doc("builtin:tiny | builtin:smol | a local HF directory | a hub id; init:tiny|smol = untrained", "builtin:tiny")
-    system: str = doc("system prompt of every conversation", "You look at one image and answer briefly.")
+    system: str = doc("system prompt of every conversation", DEFAULT_SYSTEM)
 
 
 @dataclass

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mmagent.prompt import DEFAULT_SYSTEM, chat_prompt
 from mmagent.train.families import family_for
 
-DEFAULT_SYSTEM = "You look at one image and answer briefly."
 
 
 @dataclass
@@ -26,21 +26,6 @@ def _cache_arg(decoder) -> str:
     """transformers 5.24 renamed `past_key_values` to `cache`; the GPU image has 5.17."""
     import inspect
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def chat_prompt(tokenizer, system: str, placeholder: str, instruction: str, input: str = "", history=()) -> str:
-    """The one prompt layout: system, then the image placeholders at the start of the first user turn."""
-    user = instruction + (("\n" + input) if input else "")
-    messages = [{"role": "system", "content": system}]
-    for i, (q, a) in enumerate(history):
-        messages += [{"role": "user", "content": (placeholder if i == 0 else "") + q},
-                     {"role": "assistant", "content": a}]
-    messages.append({"role": "user", "content": ("" if history else placeholder) + user})
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # Checkpoints without a chat template (BLIP-2 OPT) use the "Question: ... Answer:" form they were tuned on.
-    turns = "".join(f"Question: {q} Answer: {a} " for q, a in history)
-    return f"{placeholder}{turns}Question: {user} Answer:"
 
 
 class VLM:

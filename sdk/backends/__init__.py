@@ -5,22 +5,9 @@ max_new_tokens, on_text, stop_at_eos=True) -> (tokens, timings)` and `decode(tok
 """
 from __future__ import annotations
 
-from mmagent.train.data.records import default_instruction
-
 
 class PromptTooLong(ValueError):
     """The prompt (system, history, image and soft-prompt positions, question) does not fit the context."""
-
-
-def check_question(question, kind: str) -> None:
-    """Kinds that answer a question (vqa, match) refuse an empty one; a caption ignores the question."""
-    if kind == "caption":
-        return
-    if not isinstance(question, str):
-        raise TypeError(f"the question must be text (str), got {type(question).__name__}")
-    if not question.strip():
-        raise ValueError(f"the question is empty; a `{kind}` request needs a question about the image "
-                         "(e.g. 'What colour is the circle?'), or ask for a description with adapter='caption'")
 
 
 def check_image(image) -> None:
@@ -39,14 +26,6 @@ def check_fits(n_prompt: int, n_ctx: int) -> None:
                             f"turns included), but the model's context holds {n_ctx}, leaving no room for the "
                             f"answer; shorten the question by at least {n_prompt - n_ctx + 1} tokens or send "
                             "fewer earlier turns (history)")
-
-
-def prompt_parts(question: str, kind: str, instructions: dict) -> tuple[str, str]:
-    """(instruction, input) in the form the adapter was trained on; an empty question is refused for the
-    kinds that take one."""
-    check_question(question, kind)
-    instruction = instructions.get(kind) or default_instruction(kind)
-    return (instruction, "") if kind == "caption" else (instruction, question)
 
 
 class TextStream:

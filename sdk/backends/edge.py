@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmagent.backends import TextStream, check_fits, check_image, prompt_parts
+from mmagent.backends import TextStream, check_fits, check_image
+from mmagent.prompt import prompt_parts
 from mmagent.bundle import BundleError, read_manifest, verify
 
 
@@ -78,7 +79,7 @@ class EdgeBackend:
         self.llm.close()
 
     def prompt_segments(self, image, question, adapter, kind, history) -> list:
-        from mmagent.train.vlm import chat_prompt
+        from mmagent.prompt import chat_prompt
         instructions = self.manifest["adapters"].get(adapter, {}).get("instructions", {}) if adapter else {}
         instruction, text = prompt_parts(question, kind, instructions)
         soft = self.soft_prompts.get(adapter) if adapter else None

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mmagent.backends import TextStream, check_fits, check_image, prompt_parts
+from mmagent.backends import TextStream, check_fits, check_image
+from mmagent.prompt import prompt_parts
 
 
 def adapter_dirs(paths: list[Path]) -> tuple[list[Path], Path | None]:

@@ -9,13 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CAPTION_INSTRUCTION = "Describe the image."
-VQA_INSTRUCTION = "Answer the question with a single word or number."
-MATCH_INSTRUCTION = "Does this caption describe the image? Answer yes or no."
-
-
-def default_instruction(kind: str) -> str:
-    return {"caption": CAPTION_INSTRUCTION, "match": MATCH_INSTRUCTION}.get(kind, VQA_INSTRUCTION)
+from mmagent.prompt import CAPTION_INSTRUCTION, MATCH_INSTRUCTION, VQA_INSTRUCTION, default_instruction  # noqa: F401
 
 
 class DataError(ValueError):
