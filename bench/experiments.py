@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,14 +101,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=ROOT / "docs/experiments.json")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/mmagent-experiments"))
+    ap.add_argument("--work", type=Path, help="where the runs go (default: a new temporary folder; run "
+                                              "directories are never trained into twice)")
     ap.add_argument("--table", type=Path, help="print the table of a finished run's JSON and stop")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return
-    args.work.mkdir(parents=True, exist_ok=True)
-    rows = run_all(args.seeds, args.steps, args.work)
+    work = args.work or Path(tempfile.mkdtemp(prefix="mmagent-experiments-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = run_all(args.seeds, args.steps, work)
     data = {"machine": machine(), "steps": args.steps, "seeds": args.seeds, "rows": rows}
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     print(table(data))
