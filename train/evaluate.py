@@ -37,8 +37,8 @@ def control_images(records: list[dict], images: list, control: str, seed: int = 
         return images
     readable = [im for im in images if im is not None]
     if control == "blank":
-        mean = tuple(int(sum(im.resize((1, 1), Image.BOX).getpixel((0, 0))[c] for im in readable) / len(readable))
-                     for c in range(3)) if readable else (128, 128, 128)
+        pixels = [im.resize((1, 1), Image.BOX).getpixel((0, 0)) for im in readable]  # each image's mean colour
+        mean = tuple(int(sum(px[c] for px in pixels) / len(pixels)) for c in range(3)) if pixels else (128, 128, 128)
         blank = Image.new("RGB", readable[0].size if readable else (64, 64), mean)
         return [blank if im is not None else None for im in images]
     paths = sorted({r["image_path"] for r, im in zip(records, images) if im is not None})
@@ -47,7 +47,7 @@ def control_images(records: list[dict], images: list, control: str, seed: int = 
     rng = random.Random(f"shuffle-{seed}")
     moved = paths[:]
     rng.shuffle(moved)
-    target = {p: moved[(moved.index(p) + 1) % len(moved)] for p in paths}  # a cycle: nobody keeps its own
+    target = {p: moved[(i + 1) % len(moved)] for i, p in enumerate(moved)}  # a cycle: nobody keeps its own
     by_path = {r["image_path"]: im for r, im in zip(records, images)}
     return [by_path[target[r["image_path"]]] if im is not None else None for r, im in zip(records, images)]
 

@@ -18,9 +18,10 @@ from rich.table import Table
 
 from mmagent.files import atomic_write_bytes, atomic_write_json
 from mmagent.images import ImageError, load_image
+from mmagent.prompt import default_instruction
 from mmagent.train import adapters as ad
 from mmagent.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
-from mmagent.train.data.records import DataError, default_instruction
+from mmagent.train.data.records import DataError
 from mmagent.train.data.stream import TaskMixture
 from mmagent.train.data.tasks import check_images_exist, eval_subset, file_digests, task_records
 from mmagent.train.evaluate import answer_vocabulary, evaluate_tasks

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmagent.prompt import CAPTION_INSTRUCTION, MATCH_INSTRUCTION, VQA_INSTRUCTION, default_instruction  # noqa: F401
+from mmagent.prompt import CAPTION_INSTRUCTION, MATCH_INSTRUCTION, VQA_INSTRUCTION
 
 
 class DataError(ValueError):
