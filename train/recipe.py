@@ -45,9 +45,13 @@ class LoraSection:
     r: int = doc("LoRA rank; higher adapts more and costs more", 8)
     alpha: float = doc("LoRA scale numerator (scale = alpha / r)", 16.0)
     dropout: float = doc("dropout on the LoRA input", 0.05)
-    llm: list[str] = doc("LLM module leaf names to adapt; [] leaves the LLM frozen", factory=lambda: ["q_proj", "v_proj"])
-    bridge: list[str] = doc("Q-Former/projector leaf names to adapt; [] leaves it frozen", factory=lambda: ["query", "value"])
-    vision: list[str] = doc("vision tower leaf names to adapt; [] (default) leaves it frozen", factory=list)
+    # "preset" stands for the model family's own targets (mmagent.train.families: one source of module names)
+    llm: list[str] = doc("LLM module leaf names to adapt; \"preset\" = the family's (LLaMA/OPT: q_proj, v_proj; "
+                         "T5: q, v); [] leaves the LLM frozen", factory=lambda: ["preset"])
+    bridge: list[str] = doc("Q-Former/projector leaf names to adapt; \"preset\" = the family's (Q-Former: query, "
+                            "value; LLaVA projector: linear_1, linear_2); [] leaves it frozen", factory=lambda: ["preset"])
+    vision: list[str] = doc("vision tower leaf names to adapt; \"preset\" = the family's (BLIP-2 ViT: qkv; CLIP: "
+                            "q_proj, v_proj); [] (default) leaves it frozen", factory=list)
 
 
 @dataclass

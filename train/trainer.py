@@ -25,6 +25,7 @@ from mmagent.train.data.records import DataError
 from mmagent.train.data.stream import TaskMixture
 from mmagent.train.data.tasks import check_images_exist, eval_subset, file_digests, task_records
 from mmagent.train.evaluate import answer_vocabulary, evaluate_tasks
+from mmagent.train.families import expand_presets
 from mmagent.train.recipe import Recipe
 from mmagent.train.report import read_metrics, write_report
 from mmagent.train.rundir import RunLock, TrainingInterrupted, check_fresh, check_resume
@@ -184,7 +185,8 @@ class Trainer:
                 p.requires_grad_(ad.part_of(n, vlm.family) in r.train.parts
                                  or (ad.part_of(n, vlm.family) == "other" and "bridge" in r.train.parts))
             return
-        vlm.model = ad.inject_lora(vlm.model, vlm.family, r.lora, r.adapter_name)
+        self.lora = expand_presets(r.lora, vlm.family, vlm.model)  # what the adapter records it adapts
+        vlm.model = ad.inject_lora(vlm.model, vlm.family, self.lora, r.adapter_name)
 
     def load_adapter(self, path: Path) -> None:
         """Put a saved adapter's weights (and soft prompt) into the freshly set-up model."""
@@ -389,7 +391,7 @@ class Trainer:
                 "kinds": sorted({t.kind for t in r.tasks}),
                 "instructions": {t.kind: t.instruction or default_instruction(t.kind) for t in r.tasks},
                 "base_fingerprint": self.base.fingerprint, "family": self.vlm.family.name,
-                "parts": {p: getattr(r.lora, p) for p in ad.PARTS if getattr(r.lora, p)},
+                "parts": {p: getattr(self.lora, p) for p in ad.PARTS if getattr(self.lora, p)},
                 "soft_prompt_tokens": r.soft_prompt.tokens, "system": r.model.system}
         if r.train.method == "lora":
             ad.save_adapter(self.vlm.model, r.adapter_name, self.run_dir / "adapters" / r.adapter_name,

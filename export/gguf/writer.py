@@ -52,7 +52,14 @@ class UnsupportedForLlamaCpp(ValueError):
 
 # ---- what llama.cpp can run -------------------------------------------------------------------------------
 
+# LLMs llama.cpp cannot run beside an image path of ours: why, for the refusal
+NOT_FOR_LLAMA_CPP = {"opt": "llama.cpp has no OPT architecture", "t5": "llama.cpp's T5 support is text-only "
+                     "(no embedding input for the image tokens, no LoRA on its encoder)"}
+
+
 def _unsupported(config) -> list[str]:
+    if config.model_type in NOT_FOR_LLAMA_CPP:
+        return [f"the LLM is `{config.model_type}`: {NOT_FOR_LLAMA_CPP[config.model_type]}"]
     if config.model_type != "llama":
         return [f"llama.cpp export handles llama-type LLMs only, this one is `{config.model_type}`"]
     reasons = []
@@ -75,7 +82,8 @@ def check_llama_cpp_support(config) -> None:
     if reasons:
         raise UnsupportedForLlamaCpp(
             f"cannot export this LLM to GGUF for llama.cpp: {'; '.join(reasons)}. "
-            "Export it with `--onnx` (onnxruntime) or as a merged PyTorch model with `--merged` instead.")
+            "Export it without --gguf: `--onnx --merged` (the image path for onnxruntime, the LoRA merged into a "
+            "transformers directory that transformers and vLLM load).")
 
 
 # ---- names and tensors -------------------------------------------------------------------------------------

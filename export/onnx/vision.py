@@ -1,4 +1,7 @@
-"""BLIP-2 image path (vision tower -> Q-Former -> projection) as one ONNX graph serving every task adapter.
+"""A family's image path (vision tower -> bridge -> projection) as one ONNX graph serving every task adapter.
+
+The family says which modules form the image path, its image size and whether the bridge reads the
+instruction (InstructBLIP: the graph then takes the instruction's Q-Former token ids and mask as inputs).
 
 LoRA on the targeted Linears is computed in-graph as `base(x) + (x @ A.T) @ B.T`. A [r, in] and B [out, r]
 of module `<name>` are graph inputs named `lora.<name>.A` / `lora.<name>.B` (full module names, dots kept),
@@ -20,12 +23,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mmagent.backends.onnx_vision import INPUT, OUTPUT
+from mmagent.backends.onnx_vision import INPUT, INSTRUCTION_INPUTS, OUTPUT
 from mmagent.files import atomic_path, durable_replace
 
 LORA_PREFIX = "lora."
 
-IMAGE_PATH_PREFIXES = ("vision_model.", "qformer.", "language_projection")
 _PROTO_LIMIT = 2**31 - 1  # protobuf can't serialise more: bigger graphs (ViT-g in fp32) keep weights in <name>.data
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 
@@ -62,11 +64,12 @@ class _LoraLinear(nn.Module):
 
 class _ImagePath(nn.Module):
     def __init__(self, model):
+        from mmagent.train.families import family_for
         super().__init__()
-        self.model = model
+        self.model, self.family = model, family_for(model)
 
-    def forward(self, pixel_values):
-        return self.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    def forward(self, pixel_values, *instruction):
+        return self.family.image_features(self.model, pixel_values, instruction or None)
 
 
 class _Exportable(nn.Module):
@@ -77,12 +80,19 @@ class _Exportable(nn.Module):
         self.image_path = _ImagePath(model)
         self.buffer_names = [f"model.{m}.{ab}" for m in lora_modules for ab in "AB"]
 
-    def forward(self, pixel_values, lora: list[torch.Tensor]):
-        return torch.func.functional_call(self.image_path, dict(zip(self.buffer_names, lora)), (pixel_values,))
+    def forward(self, pixel_values, lora: list[torch.Tensor], *instruction):
+        return torch.func.functional_call(self.image_path, dict(zip(self.buffer_names, lora)),
+                                          (pixel_values, *instruction))
+
+
+def _image_path_prefixes(model) -> tuple[str, ...]:
+    from mmagent.train.families import family_for
+    return family_for(model).parts.image_path
 
 
 def _image_path_modules(model) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if n.startswith(IMAGE_PATH_PREFIXES)}
+    prefixes = _image_path_prefixes(model)
+    return {n: m for n, m in model.named_modules() if any(n == p or n.startswith(p + ".") for p in prefixes)}
 
 
 def resolve_targets(model, lora_targets: list[str]) -> list[str]:
@@ -93,7 +103,7 @@ def resolve_targets(model, lora_targets: list[str]) -> list[str]:
         hits = [n for n, m in modules.items() if re.fullmatch(pattern, n) and isinstance(m, nn.Linear)]
         if not hits:
             raise ValueError(f"LoRA target `{pattern}` matches no nn.Linear of the image path "
-                             f"({', '.join(IMAGE_PATH_PREFIXES)})")
+                             f"({', '.join(_image_path_prefixes(model))})")
         chosen += [h for h in hits if h not in chosen]
     return chosen
 
@@ -129,25 +139,40 @@ def _set_submodule(model, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def export_vision(model, path, lora_rank: int | None, lora_targets: list[str], opset: int = 18) -> list[str]:
-    """Write the image path of a float32 Blip2ForConditionalGeneration to `path`.
+def _instruction_example(model) -> tuple[torch.Tensor, ...]:
+    """Example Q-Former token ids and mask for families whose bridge reads the instruction, else ()."""
+    from mmagent.train.families import family_for
+    if not family_for(model).reads_instruction:
+        return ()
+    ids = torch.ones(2, 5, dtype=torch.long)  # length 5 and batch 2: neither may be specialised on
+    return ids, torch.ones_like(ids)
 
-    pixel_values float32 (batch, 3, H, W) -> image_embeds (batch, n_query, llm_hidden). With `lora_rank`,
-    every Linear matched by `lora_targets` gets LoRA inputs of that rank. Returns the LoRA module names.
+
+def export_vision(model, path, lora_rank: int | None, lora_targets: list[str], opset: int = 18) -> list[str]:
+    """Write the image path of a float32 model of any family (mmagent.train.families) to `path`.
+
+    pixel_values float32 (batch, 3, H, W) [+ qformer_input_ids, qformer_attention_mask int64 (batch, tokens)
+    for a bridge that reads the instruction] -> image_embeds (batch, n_image_tokens, llm_hidden). With
+    `lora_rank`, every Linear matched by `lora_targets` gets LoRA inputs of that rank. Returns the LoRA
+    module names.
     """
+    from mmagent.train.families import family_for
     _check_exportable(model)
     names = resolve_targets(model, lora_targets) if lora_rank else []
-    size = model.config.vision_config.image_size
+    size = family_for(model).image_size(model)
     pixels = torch.zeros(2, 3, size, size)  # batch 2 so the trace can't specialise on batch 1
+    instruction = _instruction_example(model)
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("instruction_tokens")
     with _with_lora(model, names, lora_rank or 0), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*dynamic axes will not be renamed")  # _name_batch_axis does
         wrapper = _Exportable(model, names).eval()
         buffers = dict(wrapper.image_path.named_buffers())
         lora = [torch.zeros_like(buffers[b]) for b in wrapper.buffer_names]
         program = torch.onnx.export(
-            wrapper, (pixels, lora), None, dynamo=True, opset_version=opset, verbose=False,
-            input_names=[INPUT, *(i for n in names for i in lora_input_names(n))], output_names=[OUTPUT],
-            dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}, "lora": [None] * len(lora)},
+            wrapper, (pixels, lora, *instruction), None, dynamo=True, opset_version=opset, verbose=False,
+            input_names=[INPUT, *(i for n in names for i in lora_input_names(n)),
+                         *INSTRUCTION_INPUTS[:len(instruction)]], output_names=[OUTPUT],
+            dynamic_shapes=({0: batch}, [None] * len(lora), *({0: batch, 1: tokens} for _ in instruction)),
             external_data=False)
     graph = program.model_proto
     _name_batch_axis(graph)

@@ -5,6 +5,8 @@ import numpy as np
 import onnxruntime as ort
 
 INPUT, OUTPUT = "pixel_values", "image_embeds"  # the exported graph's input and output
+# InstructBLIP's graph also reads the instruction: its Q-Former token ids and their attention mask (int64)
+INSTRUCTION_INPUTS = ("qformer_input_ids", "qformer_attention_mask")
 
 
 class VisionSession:
@@ -22,7 +24,12 @@ class VisionSession:
         adapter.Load(str(path))
         self.adapters[name] = adapter
 
-    def run(self, pixel_values: np.ndarray, adapter: str | None = None) -> np.ndarray:
+    @property
+    def reads_instruction(self) -> bool:
+        return INSTRUCTION_INPUTS[0] in {i.name for i in self.session.get_inputs()}
+
+    def run(self, pixel_values: np.ndarray, adapter: str | None = None, instruction=None) -> np.ndarray:
+        """`instruction`: (token ids, mask), each (batch, tokens), for a graph that reads it (InstructBLIP)."""
         # RunOptions per call: the active adapter belongs to this run only, so concurrent runs don't mix.
         options = ort.RunOptions()
         if adapter is not None:
@@ -30,4 +37,9 @@ class VisionSession:
                 raise KeyError(f"adapter `{adapter}` is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
             options.add_active_adapter(self.adapters[adapter])
         feed = {INPUT: np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        if self.reads_instruction:
+            if instruction is None:
+                raise ValueError("this vision graph reads the instruction (InstructBLIP): pass its Q-Former "
+                                 "token ids and mask")
+            feed |= {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in zip(INSTRUCTION_INPUTS, instruction)}
         return self.session.run([OUTPUT], feed, options)[0]

@@ -6,7 +6,7 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, CLIPVision
                           LlavaForConditionalGeneration, OPTConfig)
 
 from mmagent.train.adapters import AdapterError, inject_lora
-from mmagent.train.families import family_for
+from mmagent.train.families import expand_presets, family_for
 from mmagent.train.recipe import LoraSection
 
 LLM = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -45,7 +45,8 @@ def test_family_dispatch_and_image_features(build, name, n_tokens):
     fam = family_for(model)
     assert fam.name == name
     pixels = torch.randn(2, 3, 16, 16)
-    instr = torch.randint(0, 100, (2, 5)) if fam.reads_instruction else None
+    ids = torch.randint(0, 100, (2, 5))
+    instr = (ids, torch.ones_like(ids)) if fam.reads_instruction else None
     feats = fam.image_features(model, pixels, instr)
     assert feats.shape == (2, fam.n_image_tokens(model), 32) and fam.n_image_tokens(model) == n_tokens
     # the decoder + head path equals the model's own language path on the same embeddings
@@ -93,3 +94,28 @@ def test_blip2_with_opt_llm_is_a_family_too():
     model = blip2(OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
                             word_embed_proj_dim=32))
     assert family_for(model).name == "blip2"
+
+
+def t5_text():
+    from transformers import T5Config
+    return T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
+                    decoder_start_token_id=0)
+
+
+@pytest.mark.parametrize("build,llm,bridge", [
+    (blip2, ["q_proj", "v_proj"], ["query", "value"]), (lambda: blip2(t5_text()), ["q", "v"], ["query", "value"]),
+    (llava, ["q_proj", "v_proj"], ["linear_1", "linear_2"])])
+def test_recipe_presets_are_the_familys(build, llm, bridge):
+    """The recipe's default `preset` asks the family: no module name is hard-coded outside train/families/."""
+    model = build()
+    fam = family_for(model)
+    cfg = expand_presets(LoraSection(), fam, model)
+    assert cfg.llm == llm and cfg.bridge == bridge and cfg.vision == []
+    mixed = expand_presets(LoraSection(llm=["preset", "o_proj"], vision=["preset"]), fam, model)
+    assert mixed.llm[-1] == "o_proj" and mixed.vision == list(fam.presets(model)["vision"])
+    inject_lora(model, fam, LoraSection(vision=["preset"]), "t")  # every preset names modules that exist
+
+
+def test_image_path_prefixes_are_the_familys():
+    assert family_for(blip2()).parts.image_path == ("vision_model", "qformer", "language_projection")
+    assert family_for(llava()).parts.image_path == ("model.vision_tower", "model.multi_modal_projector")

@@ -1,8 +1,9 @@
-"""Model families: one file each, behind one small interface.
+"""Model families: one file each, behind one small interface, the single source of what differs.
 
-A family knows how to load a base, which modules are the vision tower, the bridge (Q-Former or projector)
-and the LLM, which LoRA targets each part offers, and how image tokens enter the prompt. Dispatch tries
-each family's `matches` in order, first match wins, like PEFT's `dispatch_*` functions.
+A family knows which modules are the vision tower, the bridge (Q-Former or projector) and the LLM, which
+LoRA targets each part offers (`lora.<part> = ["preset"]` asks for them), the image size and how image
+tokens enter the prompt, and what the exporters need (the image path for ONNX, the LLM for GGUF). Dispatch
+tries each family's `matches` in order, first match wins, like PEFT's `dispatch_*` functions.
 """
 from __future__ import annotations
 
@@ -11,27 +12,50 @@ from typing import Protocol
 
 import torch
 
+PRESET = "preset"  # in lora.llm / lora.bridge / lora.vision: the family's own targets for that part
+
 
 @dataclass(frozen=True)
 class Parts:
-    """Module-name prefixes of the three parts and the LoRA target presets of each."""
+    """Module-name prefixes of the three parts (and of a projection between bridge and LLM, if any) and
+    the default LoRA target leaves of each part."""
     vision: str
     bridge: str
     llm: str
     presets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # part -> default leaf names
+    projection: str | None = None  # BLIP-2's language_projection: on the image path, in no LoRA part
+
+    @property
+    def image_path(self) -> tuple[str, ...]:
+        """Module prefixes of everything between pixels and the LLM's input embeddings (the ONNX graph)."""
+        return tuple(p for p in (self.vision, self.bridge, self.projection) if p)
 
 
 class Family(Protocol):
     name: str
     parts: Parts
+    reads_instruction: bool  # InstructBLIP: the Q-Former reads the instruction's tokens too
 
     def matches(self, config) -> bool: ...
-    def image_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, n_image_tokens, llm_hidden): what the LLM sees in place of the image."""
-    def llm(self, model) -> torch.nn.Module:
-        """The causal LM (with its head)."""
+    def presets(self, model) -> dict[str, tuple[str, ...]]:
+        """LoRA target leaves per part for this model (the LLM's depend on its architecture)."""
+    def image_features(self, model, pixel_values: torch.Tensor, instruction=None) -> torch.Tensor:
+        """(B, n_image_tokens, llm_hidden): what the LLM sees in place of the image. `instruction`:
+        (qformer_input_ids, qformer_attention_mask) for families that read it, else None."""
+    def decoder(self, model) -> torch.nn.Module:
+        """The decoder-only LLM stack without its head (inputs_embeds -> last_hidden_state)."""
+    def head(self, model) -> torch.nn.Module: ...
+    def embed_tokens(self, model) -> torch.nn.Module: ...
+    def encoder_decoder(self, model) -> bool:
+        """True when the LLM is an encoder-decoder (Flan-T5): the prompt is encoded, the answer decoded."""
+    def causal_lm(self, model) -> torch.nn.Module:
+        """The LLM with its head as one transformers model (what GGUF and the seq2seq path use)."""
+    def gguf_prefix(self) -> str:
+        """Where the LLM's decoder stack sits in PEFT keys (`base_model.model.<this>layers.N...`)."""
     def n_image_tokens(self, model) -> int: ...
     def image_token_id(self, model) -> int: ...
+    def image_size(self, model) -> int: ...
+    def text_config(self, model): ...
 
 
 def _families() -> list:
@@ -47,3 +71,18 @@ def family_for(model_or_config) -> Family:
     known = ", ".join(f.name for f in _families())
     raise ValueError(f"model type `{config.model_type}` has no mmagent family; supported: {known}. "
                      "Add one file under train/families/ to support it.")
+
+
+def expand_presets(lora_cfg, family, model):
+    """A copy of the recipe's LoRA section with `preset` in a part's list replaced by the family's leaves."""
+    from dataclasses import replace
+    presets = family.presets(model)
+    parts = {}
+    for part in ("vision", "bridge", "llm"):
+        leaves = []
+        for leaf in getattr(lora_cfg, part):
+            for x in (presets.get(part, ()) if leaf == PRESET else (leaf,)):
+                if x not in leaves:
+                    leaves.append(x)
+        parts[part] = leaves
+    return replace(lora_cfg, **parts)

@@ -1,7 +1,8 @@
-"""BLIP-2: ViT -> Q-Former (learned queries, cross-attention) -> linear projection -> any causal LM.
+"""BLIP-2: ViT -> Q-Former (learned queries, cross-attention) -> linear projection -> an LLM.
 
-Image tokens: `n_query_tokens` placeholders (config.image_token_id) in the user turn, each replaced by
-one projected Q-Former output, the same mechanism transformers' own forward uses.
+The LLM is a causal LM (LLaMA, OPT) or an encoder-decoder (Flan-T5). Image tokens: `n_query_tokens`
+placeholders (config.image_token_id) in the user turn, each replaced by one projected Q-Former output,
+the same mechanism transformers' own forward uses (for T5 in the encoder's input).
 """
 from __future__ import annotations
 
@@ -9,32 +10,46 @@ import torch
 
 from mmagent.train.families import Parts
 
+# LoRA leaves of each LLM architecture's attention (query and value, as the LoRA paper adapts)
+LLM_PRESETS = {"llama": ("q_proj", "v_proj"), "opt": ("q_proj", "v_proj"), "t5": ("q", "v")}
+
 
 class Blip2Family:
     name = "blip2"
     model_types = ("blip-2",)
     parts = Parts(
-        vision="vision_model", bridge="qformer", llm="language_model",
+        vision="vision_model", bridge="qformer", llm="language_model", projection="language_projection",
         presets={"vision": ("qkv",), "bridge": ("query", "value"), "llm": ("q_proj", "v_proj")},
     )
-    projection = "language_projection"
     reads_instruction = False
 
     def matches(self, config) -> bool:
         return config.model_type in self.model_types
 
-    def image_features(self, model, pixel_values: torch.Tensor, instruction_ids=None) -> torch.Tensor:
+    def presets(self, model) -> dict[str, tuple[str, ...]]:
+        llm_type = self.text_config(model).model_type
+        return {**self.parts.presets, "llm": LLM_PRESETS.get(llm_type, self.parts.presets["llm"])}
+
+    def image_features(self, model, pixel_values: torch.Tensor, instruction=None) -> torch.Tensor:
         return model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
 
+    def encoder_decoder(self, model) -> bool:
+        return bool(getattr(self.text_config(model), "is_encoder_decoder", False))
+
     def decoder(self, model) -> torch.nn.Module:
+        if self.encoder_decoder(model):
+            raise ValueError("an encoder-decoder LLM (T5) has no decoder-only stack; use the seq2seq path")
         return model.language_model.model
 
     def head(self, model) -> torch.nn.Module:
         return model.language_model.lm_head
 
     def causal_lm(self, model) -> torch.nn.Module:
-        """The LLM with its head as one transformers causal LM: what goes to GGUF."""
+        """The LLM with its head as one transformers model: what goes to GGUF (T5: the seq2seq model)."""
         return model.language_model
+
+    def gguf_prefix(self) -> str:
+        return "base_model.model.language_model.model."
 
     def embed_tokens(self, model) -> torch.nn.Module:
         return model.get_input_embeddings()

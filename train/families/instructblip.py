@@ -1,9 +1,15 @@
-"""InstructBLIP: BLIP-2 whose Q-Former also reads the instruction, so image features depend on it."""
+"""InstructBLIP: BLIP-2 whose Q-Former also reads the instruction, so image features depend on it.
+
+The instruction's Q-Former tokens come from the checkpoint's own `qformer_tokenizer/` (a BERT WordPiece
+tokenizer beside the LLM's), in training, evaluation, every backend and the ONNX graph alike.
+"""
 from __future__ import annotations
 
 import torch
 
 from mmagent.train.families.blip2 import Blip2Family
+
+QFORMER_TOKENIZER = "qformer_tokenizer"  # the sub-folder InstructBlipProcessor.save_pretrained writes
 
 
 class InstructBlipFamily(Blip2Family):
@@ -11,12 +17,17 @@ class InstructBlipFamily(Blip2Family):
     model_types = ("instructblip",)
     reads_instruction = True
 
-    def image_features(self, model, pixel_values: torch.Tensor, instruction_ids=None) -> torch.Tensor:
-        if instruction_ids is None:
-            raise ValueError("InstructBLIP's Q-Former needs the instruction's token ids (`instruction_ids`)")
-        out = model.get_image_features(pixel_values=pixel_values, qformer_input_ids=instruction_ids,
-                                       qformer_attention_mask=torch.ones_like(instruction_ids), return_dict=True)
+    def image_features(self, model, pixel_values: torch.Tensor, instruction=None) -> torch.Tensor:
+        if instruction is None:
+            raise ValueError("InstructBLIP's Q-Former reads the instruction: pass its Q-Former token ids and "
+                             "attention mask (VLM.instruction_inputs builds them)")
+        ids, mask = instruction
+        out = model.get_image_features(pixel_values=pixel_values, qformer_input_ids=ids,
+                                       qformer_attention_mask=mask, return_dict=True)
         return out.pooler_output
+
+    def max_instruction_tokens(self, model) -> int:
+        return int(model.config.qformer_config.max_position_embeddings)
 
 
 FAMILY = InstructBlipFamily()

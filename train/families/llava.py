@@ -1,4 +1,8 @@
-"""LLaVA-1.5: CLIP ViT patch features -> 2-layer MLP projector -> causal LM; one LLM token per patch."""
+"""LLaVA-1.5: CLIP ViT patch features -> 2-layer MLP projector -> causal LM; one LLM token per patch.
+
+Image tokens: the processor expands one `<image>` into one placeholder per patch feature (576 for
+336 px / patch 14), each filled by one projected feature, exactly as transformers' forward does.
+"""
 from __future__ import annotations
 
 import torch
@@ -13,14 +17,19 @@ class LlavaFamily:
         vision="model.vision_tower", bridge="model.multi_modal_projector", llm="model.language_model",
         presets={"vision": ("q_proj", "v_proj"), "bridge": ("linear_1", "linear_2"), "llm": ("q_proj", "v_proj")},
     )
-    projection = None
 
     def matches(self, config) -> bool:
         return config.model_type == "llava"
 
-    def image_features(self, model, pixel_values: torch.Tensor, instruction_ids=None) -> torch.Tensor:
+    def presets(self, model) -> dict[str, tuple[str, ...]]:
+        return dict(self.parts.presets)
+
+    def image_features(self, model, pixel_values: torch.Tensor, instruction=None) -> torch.Tensor:
         out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         return torch.stack(list(out.pooler_output))
+
+    def encoder_decoder(self, model) -> bool:
+        return False
 
     def decoder(self, model) -> torch.nn.Module:
         return model.model.language_model
@@ -29,8 +38,15 @@ class LlavaFamily:
         return model.lm_head
 
     def causal_lm(self, model) -> torch.nn.Module:
-        raise ValueError("LLaVA's LLM is not a separate causal LM in transformers 5; GGUF export of it is not "
-                         "supported yet: export with --merged (vLLM and transformers load it) instead")
+        """The LLM as a plain transformers causal LM sharing this model's modules (no copy): what goes to GGUF."""
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(self.text_config(model))
+        lm.model, lm.lm_head = model.model.language_model, model.lm_head
+        return lm
+
+    def gguf_prefix(self) -> str:
+        return "base_model.model.model.language_model."
 
     def embed_tokens(self, model) -> torch.nn.Module:
         return model.get_input_embeddings()
