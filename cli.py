@@ -169,8 +169,8 @@ def chat(image: Path = typer.Argument(..., help="the image to talk about"),
     from mmagent.chat import run_terminal_chat
     try:
         agent = Agent.load(model, backend)
-        if adapter is not None and adapter not in agent.adapters:
-            raise ValueError(f"no adapter `{adapter}`; this model has: {', '.join(agent.adapters)}")
+        if adapter is not None:
+            agent.adapter_info(adapter)  # refuses a name the model lacks, listing the ones it has
         run_terminal_chat(agent, image, adapter, console)
     except USER_ERRORS as e:
         fail(e)
@@ -178,20 +178,49 @@ def chat(image: Path = typer.Argument(..., help="the image to talk about"),
 
 @app.command()
 def serve(model: Path = typer.Argument(..., help="bundle, run or model directory"),
-          host: str = "127.0.0.1", port: int = 8000, backend: str = "auto",
+          host: str = typer.Option("127.0.0.1", help="address to listen on; another than localhost wants --api-key"),
+          port: int = 8000, backend: str = "auto",
+          lanes: int = typer.Option(0, help="requests generated at once (edge: llama.cpp contexts over one "
+                                    "model); 0 = one per free core, up to 4"),
+          queue: int = typer.Option(16, help="requests that may wait for a lane; one more gets 429"),
+          api_key: Optional[str] = typer.Option(None, envvar="MMAGENT_API_KEY",
+                                                help="require `Authorization: Bearer KEY` on every route but /health"),
+          timeout: float = typer.Option(120.0, help="seconds a request may take, waiting included (504 after)"),
+          max_tokens: int = typer.Option(1024, help="the most new tokens a request may ask for"),
+          max_body_mb: float = typer.Option(16.0, help="largest request body (413 above)"),
+          max_image_mp: float = typer.Option(16.0, help="largest image in megapixels (413 above)"),
           allow_local_files: bool = typer.Option(False, help="accept image URLs that are paths on this machine")):
-    """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/models)."""
+    """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/adapters, /health).
+
+    Ctrl-C or SIGTERM stops taking requests and finishes those in flight.
+    """
+    import logging
     from mmagent.agent import Agent
-    from mmagent.server import serve as make_server
+    from mmagent.server import Settings, server
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mmagent.server").setLevel(logging.INFO)
+    settings = Settings(api_key=api_key, allow_local_files=allow_local_files, max_body_bytes=int(max_body_mb * 2**20),
+                        max_image_pixels=int(max_image_mp * 1e6), max_tokens=max_tokens, queue=queue,
+                        timeout_s=timeout)
     try:
-        server = make_server(Agent.load(model, backend), host, port, allow_local_files)
+        edge = backend == "edge" or (backend == "auto" and (model / "manifest.json").exists())
+        agent = Agent.load(model, backend, **({"lanes": lanes or default_lanes()} if edge else {}))
+        uvicorn_server = server(agent, host, port, settings)
     except USER_ERRORS as e:
         fail(e)
-    console.print(f"serving {model} on http://{host}:{server.server_port}/v1")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.shutdown()
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        err.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who reaches it can use it")
+    console.print(f"serving {model} on http://{host}:{port}/v1 ({agent.lanes} lane(s), adapters: "
+                  f"{', '.join(agent.adapters) or 'none'})")
+    uvicorn_server.run()  # SIGINT/SIGTERM: no new connections, in-flight requests finish
+    agent.close()
+
+
+def default_lanes() -> int:
+    """One lane per usable core (llama.cpp: one thread each for small models), at most 4."""
+    import os
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 @app.callback()

@@ -60,8 +60,11 @@ def main():
         agent = Agent.load(args.model)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if args.adapter is not None and args.adapter not in agent.adapters:  # fail now, not once per image
-        raise SystemExit(f"error: no adapter `{args.adapter}`; this model has: {', '.join(agent.adapters)}")
+    if args.adapter is not None:  # fail now, not once per image
+        try:
+            agent.adapter_info(args.adapter)
+        except KeyError as e:
+            raise SystemExit(f"error: {e}") from None
     captioned = errors = 0
     with open(out, "a", encoding="utf-8") as f, Progress() as progress:
         task = progress.add_task("captioning", total=len(todo))

@@ -21,7 +21,7 @@ def switch_times(backend, names: list[str], n: int) -> list[float]:
         # edge: llama.cpp LoRA set + KV clear (onnxruntime picks its adapter per run);
         # torch: PEFT set_adapter moves LLM and Q-Former LoRA together
         (backend.llm if hasattr(backend, "llm") else backend.vlm.model).set_adapter(name)
-        backend.soft_prompts.get(name)
+        getattr(backend, "soft_prompts", {}).get(name) if hasattr(backend, "llm") else backend.adapters[name].soft_prompt
         out.append(time.perf_counter() - t)
     return out
 

@@ -13,6 +13,8 @@ import re
 import time
 from pathlib import Path
 
+from mmagent.adapters import lora_modules
+from mmagent.artifacts import BUNDLE, BUNDLE_ADAPTER_FILES, MANIFEST, RUN, kind_of
 from mmagent.bundle import SCHEMA
 from mmagent.files import atomic_dir, atomic_write_json, sha256_file
 
@@ -23,20 +25,10 @@ class ExportError(ValueError):
     pass
 
 
-def lora_state(peft_model, name: str) -> dict:
-    from peft import get_peft_model_state_dict
-    return get_peft_model_state_dict(peft_model, adapter_name=name)
-
-
-def split_parts(state: dict, family) -> tuple[dict, dict]:
-    """(LLM LoRA tensors, image-path LoRA tensors: vision tower, bridge, projection)."""
-    llm = "base_model.model." + family.parts.llm + "."
-    llm_part = {k: v for k, v in state.items() if k.startswith(llm)}
-    return llm_part, {k: v for k, v in state.items() if k not in llm_part}
-
-
-def image_lora_modules(image_state: dict) -> list[str]:
-    return sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in image_state})
+def split_parts(lora, family) -> tuple[dict, dict]:
+    """(LLM LoRA tensors, image-path LoRA tensors: vision tower, bridge, projection) of one adapter's record."""
+    llm_part = lora.under(family.parts.llm)
+    return llm_part, {k: v for k, v in lora.weights.items() if k not in llm_part}
 
 
 def check_carried(backend, lora: dict, gguf: bool, onnx: bool, merged: bool) -> None:
@@ -65,8 +57,8 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
     say = console.print if console else (lambda *a, **k: None)
     start = time.perf_counter()
     backend = TorchBackend(runs, device="cpu")
-    # adapter name -> (LLM LoRA tensors, image-path LoRA tensors), read once for every writer
-    lora = {n: split_parts(lora_state(backend.vlm.model, n), backend.vlm.family) for n in backend.adapters}
+    # adapter name -> (LLM LoRA tensors, image-path LoRA tensors), from the records the backend read once
+    lora = {n: split_parts(a.lora, backend.vlm.family) for n, a in backend.adapters.items()}
     check_carried(backend, lora, gguf, onnx, merged)
     if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
         from mmagent.export.gguf.writer import check_llama_cpp_support
@@ -127,17 +119,16 @@ def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dic
     prefix = family.gguf_prefix()
     for name, (llm_part, _) in lora.items():
         if llm_part:
-            cfg = backend.vlm.model.peft_config[name]
             (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
-            write_lora_gguf(llm_part, cfg.lora_alpha, tmp / "adapters" / name / "llm.lora.gguf",
+            write_lora_gguf(llm_part, backend.adapters[name].lora.alpha, adapter_file(tmp, name, "llm"),
                             config=causal_lm.config, prefix=prefix)
 
 
 def write_onnx_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) -> None:
     from mmagent.export.onnx.vision import export_vision, optimize, write_adapter
     states = {n: image_part for n, (_, image_part) in lora.items()}
-    modules = sorted({m for s in states.values() for m in image_lora_modules(s)})
-    ranks = [backend.vlm.model.peft_config[n].r for n, s in states.items() if s]
+    modules = lora_modules(k for s in states.values() for k in s)
+    ranks = [backend.adapters[n].lora.r for n, s in states.items() if s]
     say(f"ONNX: vision + bridge with LoRA inputs on {len(modules)} modules ...")
     raw = tmp / "vision.raw.onnx"
     export_vision(base, raw, max(ranks) if modules else None, [re.escape(m) for m in modules])
@@ -147,26 +138,28 @@ def write_onnx_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) 
                           "lora_modules": modules}
     for name, state in states.items():
         if state:
-            cfg = backend.vlm.model.peft_config[name]
+            own = backend.adapters[name].lora  # each adapter's own rank and alpha (the graph's rank is the largest)
             (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
-            write_adapter(state, cfg.lora_alpha, cfg.r, tmp / "adapters" / name / "bridge.onnx_adapter",
+            write_adapter(state, own.alpha, own.r, adapter_file(tmp, name, "bridge"),
                           onnx_path=tmp / "vision.onnx")
 
 
 def write_adapter_meta(backend, tmp: Path, manifest: dict) -> None:
     from mmagent.train.adapters import save_soft_prompt
-    for name, info in backend.adapters.items():
-        folder = tmp / "adapters" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        files = {k: f"adapters/{name}/{f}" for k, f in (("llm", "llm.lora.gguf"), ("bridge", "bridge.onnx_adapter"))
-                 if (folder / f).exists()}
-        soft = backend.soft_prompts.get(name)
-        if soft is not None:
-            save_soft_prompt(folder, soft)
-            files["soft_prompt"] = f"adapters/{name}/soft_prompt.safetensors"
-        manifest["adapters"][name] = {"kinds": list(info.kinds), "parts": list(info.parts),
-                                      "soft_prompt_tokens": info.soft_prompt_tokens,
-                                      "instructions": backend.instructions.get(name, {}), "files": files}
+    for name, a in backend.adapters.items():
+        (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
+        if a.soft_prompt is not None:
+            save_soft_prompt(tmp / "adapters" / name, a.soft_prompt)
+        files = {k: adapter_file(tmp, name, k).relative_to(tmp).as_posix() for k in BUNDLE_ADAPTER_FILES
+                 if adapter_file(tmp, name, k).exists()}
+        manifest["adapters"][name] = {"kinds": list(a.kinds), "parts": list(a.parts),
+                                      "soft_prompt_tokens": a.soft_prompt_tokens, "instructions": dict(a.instructions),
+                                      "system": a.system or backend.default_system, "files": files}
+
+
+def adapter_file(tmp: Path, name: str, key: str) -> Path:
+    """Where a bundle keeps adapter `name`'s `key` part (mmagent.artifacts.BUNDLE_ADAPTER_FILES)."""
+    return tmp / "adapters" / name / BUNDLE_ADAPTER_FILES[key]
 
 
 def write_merged(backend, tmp: Path, manifest: dict, say) -> None:
@@ -195,34 +188,28 @@ def describe(path: Path) -> dict:
                                 "(runs/<name>)")
     if not path.is_dir():
         raise FileNotFoundError(f"`{path}` is a file; give a bundle or a run directory (a folder)")
-    if (path / "manifest.json").exists():
+    kind = kind_of(path)
+    if kind == BUNDLE and (path / MANIFEST).exists():
         m = verify(path)
         sizes = {rel: (path / rel).stat().st_size for rel in m["files"]}
         return {"kind": "bundle", "manifest": m, "sizes": sizes}
-    if _looks_like_bundle(path):
-        raise DamagedBundle(path, [f"`{path / 'manifest.json'}` is missing: nothing says which files belong to "
+    if kind == BUNDLE:
+        raise DamagedBundle(path, [f"`{path / MANIFEST}` is missing: nothing says which files belong to "
                                    "the bundle or what their sha256 is"])
-    metas = sorted((path / "adapters").glob("*/mmagent_adapter.json")) if (path / "adapters").is_dir() else []
-    if metas or (path / "recipe.json").is_file() or (path / "results.json").is_file():
+    if kind == RUN:
         return _describe_run(path)
     raise FileNotFoundError(f"`{path}` is neither a bundle (manifest.json) nor a run directory (recipe.json, "
                             "adapters/<name>/mmagent_adapter.json); give the folder `mmagent export -o` or "
                             "`mmagent train` wrote")
 
 
-def _looks_like_bundle(path: Path) -> bool:
-    """Files only an export writes: GGUF / ONNX at the top, or adapters/<name>/ holding bundle parts."""
-    return any(path.glob("*.gguf")) or any(path.glob("*.onnx")) or any(path.glob("adapters/*/llm.lora.gguf")) \
-        or any(path.glob("adapters/*/bridge.onnx_adapter"))
-
-
 def _describe_run(path: Path) -> dict:
     from mmagent.bundle import DamagedBundle
-    from mmagent.train.adapters import read_adapter_meta
+    from mmagent.adapters import read_meta
     problems, adapters, results = [], {}, {}
     for d in sorted(p for p in (path / "adapters").glob("*") if p.is_dir() and not p.name.startswith(".")):
         try:
-            adapters[d.name] = read_adapter_meta(d)
+            adapters[d.name] = read_meta(d)
         except ValueError as e:
             problems.append(str(e))
     if (path / "results.json").exists():

@@ -52,9 +52,21 @@ def show(path: Path, console) -> None:
     console.print(ad)
     sc = m.get("selfcheck")
     if sc:
+        console.print("self-check: " + "; ".join(selfcheck_figures(sc)))
+
+
+def selfcheck_figures(sc: dict) -> list[str]:
+    """One phrase per part the self-check compared with torch (each export mode checks what it wrote)."""
+    out = []
+    if "tokenizer" in sc:
+        t = sc["tokenizer"]
+        out.append(f"tokenizer {t['strings'] - len(t['mismatched'])}/{t['strings']} identical")
+    if "vision" in sc:
+        out.append(f"vision max |diff| {max(sc['vision']['max_abs_diff'].values()):.1e} "
+                   f"(tol {sc['vision']['tolerance']:.0e})")
+    if "greedy_f16" in sc:
         g = sc["greedy_f16"]
-        console.print(f"self-check: tokenizer {sc['tokenizer']['strings'] - len(sc['tokenizer']['mismatched'])}/"
-                      f"{sc['tokenizer']['strings']} identical; vision max |diff| "
-                      f"{max(sc['vision']['max_abs_diff'].values()):.1e} (tol {sc['vision']['tolerance']:.0e}); "
-                      f"f16 greedy {g['identical']}/{g['cases']} identical over {g['first_tokens']} tokens"
-                      + "".join(f"; {q} {r['identical']}/{r['cases']}" for q, r in sc["quantised"].items()))
+        out.append(f"f16 greedy {g['identical']}/{g['cases']} identical over {g['first_tokens']} tokens"
+                   + "".join(f"; {q} {r['identical']}/{r['cases']}" for q, r in sc.get("quantised", {}).items()))
+    out += [f"merged {n} greedy {g['identical']}/{g['cases']} identical" for n, g in sc.get("merged", {}).items()]
+    return out

@@ -6,13 +6,15 @@ from pathlib import Path
 
 
 def merge_adapter(backend, name: str, out: Path) -> None:
-    from peft import PeftModel
-
+    from mmagent.backends.torch import attach
     from mmagent.train.adapters import save_soft_prompt
-    merged = PeftModel.from_pretrained(backend.fresh_base(), backend.adapter_paths[name]).merge_and_unload()
+    adapter = backend.adapters[name]  # the record the backend read: the same LoRA every other writer uses
+    merged = attach(backend.fresh_base(), adapter).merge_and_unload()
     merged.save_pretrained(out)
     backend.vlm.tokenizer.save_pretrained(out)
     backend.vlm.image_processor.save_pretrained(out)
-    soft = backend.soft_prompts.get(name)
-    if soft is not None:  # a soft prompt cannot be folded into weights: it travels beside them
-        save_soft_prompt(out, soft)
+    if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP reads the instruction with its own tokenizer
+        from mmagent.train.families.instructblip import QFORMER_TOKENIZER
+        backend.vlm.qformer_tokenizer.save_pretrained(out / QFORMER_TOKENIZER)
+    if adapter.soft_prompt is not None:  # a soft prompt cannot be folded into weights: it travels beside them
+        save_soft_prompt(out, adapter.soft_prompt)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from mmagent.adapters import require
 from mmagent.files import atomic_write_json
 from mmagent.images import ImageError, load_image
 
@@ -102,8 +103,8 @@ def handle_command(session: ChatSession, line: str, console) -> str | None:
                 console.print(f"  {name}: {', '.join(info.kinds)} (adapts {', '.join(info.parts)})"
                               + ("  [active]" if name == session.adapter else ""))
         elif cmd == "/adapter":
-            if arg not in ("auto", *agent.adapters):
-                raise KeyError(f"no adapter `{arg}`; choose one of: auto, {', '.join(agent.adapters)}")
+            if arg != "auto":
+                require(arg, agent.adapters, choices=("auto",))
             session.adapter = None if arg == "auto" else arg
             console.print(f"adapter: {arg}")
         elif cmd == "/image":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mmagent.adapters import require
+
 CAPTION_CUES = re.compile(r"\b(describe|description|caption|summari[sz]e|what(?:'s| is) (?:in|on) (?:the|this) "
                           r"(?:image|picture|photo)|tell me about)\b", re.I)
 QUESTION_CUES = re.compile(r"^\s*(what|which|who|whose|where|when|why|how|is|are|does|do|can|could|was|were|"
@@ -36,8 +38,7 @@ def classify(instruction: str) -> tuple[str, str]:
 def route(instruction: str, adapters: dict[str, list[str]], override: str | None = None) -> Route:
     """`adapters`: adapter name -> task kinds it was trained on."""
     if override is not None:
-        if override not in adapters:
-            raise KeyError(f"no adapter `{override}`; this model has: {', '.join(adapters) or 'none'}")
+        require(override, adapters)
         kinds = adapters[override]
         return Route(override, kinds[0] if len(kinds) == 1 else classify(instruction)[0], "chosen by the caller")
     kind, why = classify(instruction)

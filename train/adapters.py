@@ -11,15 +11,15 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from mmagent.adapters import META, SOFT_PROMPT, AdapterError, model_name
 from mmagent.files import atomic_dir
 
 PARTS = ("vision", "bridge", "llm")
 
 
-class AdapterError(ValueError):
-    pass
+# Reading an adapter back is the SDK's (mmagent.adapters.read_adapter): one record for every stage.
 
 
 def linear_leaves(model, prefix: str) -> list[str]:
@@ -75,7 +75,7 @@ class SoftPrompt(torch.nn.Module):
 
 
 def part_of(param_name: str, family) -> str:
-    name = param_name.removeprefix("base_model.model.")
+    name = model_name(param_name)
     for part in PARTS:
         if name.startswith(getattr(family.parts, part) + "."):
             return part
@@ -106,57 +106,9 @@ def save_adapter(peft_model, name: str, out_dir: Path, soft_prompt, meta: dict) 
             src.rmdir()
         if soft_prompt is not None:
             save_soft_prompt(tmp, soft_prompt.vectors.detach())
-        (tmp / "mmagent_adapter.json").write_text(json.dumps(meta, indent=1))
-
-
-WEIGHTS = "adapter_model.safetensors"
-
-
-def read_adapter_meta(path: Path) -> dict:
-    """The adapter's mmagent_adapter.json, after checking that the files it needs are all there."""
-    path = Path(path)
-    f = path / "mmagent_adapter.json"
-    if not f.exists():
-        raise AdapterError(f"`{path}` is not an mmagent adapter (no mmagent_adapter.json); "
-                           "point at runs/<run>/adapters/<task>")
-    try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"`{f}` is not valid JSON ({e}); {_retrain_hint(path)}") from e
-    missing = [k for k in ("task", "base_ref", "base_fingerprint", "parts")
-               if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise AdapterError(f"`{f}` lacks {', '.join(missing)}; {_retrain_hint(path)}")
-    needed = {WEIGHTS: "its LoRA weights", "adapter_config.json": "its PEFT configuration"}
-    if meta.get("soft_prompt_tokens"):
-        needed["soft_prompt.safetensors"] = f"its {meta['soft_prompt_tokens']} soft-prompt vectors"
-    for name, what in needed.items():
-        if not (path / name).is_file():
-            raise AdapterError(f"adapter `{path}` is incomplete: `{path / name}` ({what}) is missing; restore that "
-                               f"file, or {_retrain_hint(path)}")
-    return meta
-
-
-def _retrain_hint(path: Path) -> str:
-    run = path.parent.parent if path.parent.name == "adapters" else None
-    if run is not None:
-        return (f"train the run again (move `{run}` aside, then `mmagent train` its recipe; `{run / 'recipe.json'}` "
-                "holds the settings it used)")
-    return "train the adapter again with `mmagent train RECIPE.toml`"
-
-
-def check_base(meta: dict, fingerprint: str, path) -> None:
-    if meta["base_fingerprint"] != fingerprint:
-        raise AdapterError(f"adapter `{path}` was trained on base {meta['base_ref']} "
-                           f"(fingerprint {meta['base_fingerprint']}), not this base ({fingerprint}); "
-                           f"load it with base `{meta['base_ref']}`")
+        (tmp / META).write_text(json.dumps(meta, indent=1))
 
 
 def save_soft_prompt(folder: Path, vectors: torch.Tensor) -> None:
     """(n, H) vectors as `soft_prompt.safetensors`, the one layout every backend reads."""
-    save_file({"vectors": vectors.reshape(-1, vectors.shape[-1]).contiguous()}, Path(folder) / "soft_prompt.safetensors")
-
-
-def load_soft_prompt(path: Path) -> torch.Tensor | None:
-    f = Path(path) / "soft_prompt.safetensors"
-    return load_file(f)["vectors"].unsqueeze(0) if f.exists() else None
+    save_file({"vectors": vectors.reshape(-1, vectors.shape[-1]).contiguous()}, Path(folder) / SOFT_PROMPT)

@@ -56,7 +56,8 @@ def run_baselines(recipe, results: dict, console: Console) -> dict:
 
 
 def evaluate_run(run_dir: Path, with_base: bool, console: Console) -> dict:
-    from mmagent.train import adapters as ad
+    from mmagent.adapters import META, read_meta
+    from mmagent.artifacts import BUNDLE, kind_of
     from mmagent.train.recipe import recipe_from_dict
     from mmagent.train.trainer import Trainer
     run_dir = Path(run_dir)
@@ -65,7 +66,7 @@ def evaluate_run(run_dir: Path, with_base: bool, console: Console) -> dict:
         raise FileNotFoundError(f"run directory `{run_dir}` does not exist; give the folder `mmagent train` wrote "
                                 "(runs/<name>)")
     if not recipe_file.is_file():
-        if (run_dir / "manifest.json").is_file():
+        if kind_of(run_dir) == BUNDLE:
             raise FileNotFoundError(f"`{run_dir}` is an exported bundle, not a run directory: `mmagent eval` "
                                     f"re-scores a run from its `recipe.json`; give the run it was exported from "
                                     f"(runs/<name>), or use the bundle with `mmagent info {run_dir}` / "
@@ -82,11 +83,11 @@ def evaluate_run(run_dir: Path, with_base: bool, console: Console) -> dict:
         raise ValueError(f"`{run_dir}` trained a full model (train.method={recipe.train.method}), not an adapter; "
                          "`mmagent eval` evaluates adapter runs: use the model as a base "
                          f"(model.base=\"{run_dir / 'model'}\") in a recipe instead")
-    if not (adapter / "mmagent_adapter.json").is_file():
-        raise FileNotFoundError(f"the run's adapter `{adapter}` is missing (no mmagent_adapter.json); the run did "
+    if not (adapter / META).is_file():
+        raise FileNotFoundError(f"the run's adapter `{adapter}` is missing (no {META}); the run did "
                                 "not finish or the folder was removed: resume it with `mmagent train RECIPE.toml "
                                 "--resume`, or train it again")
-    ad.read_adapter_meta(adapter)  # the adapter's files are all there, or an error that names the missing one
+    read_meta(adapter)  # the adapter's files are all there, or an error that names the missing one
     trainer = Trainer(recipe, console=console, evaluate_only=True)
     trainer.setup()
     trainer.load_adapter(adapter)

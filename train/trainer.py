@@ -191,13 +191,13 @@ class Trainer:
     def load_adapter(self, path: Path) -> None:
         """Put a saved adapter's weights (and soft prompt) into the freshly set-up model."""
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        ad.check_base(ad.read_adapter_meta(path), self.base.fingerprint, path)
-        set_peft_model_state_dict(self.vlm.model, load_file(path / "adapter_model.safetensors"),
-                                  adapter_name=self.recipe.adapter_name)
-        soft = ad.load_soft_prompt(path)
-        if soft is not None and self.soft_prompt is not None:
-            self.soft_prompt.vectors.data.copy_(soft[0])
+
+        from mmagent.adapters import read_adapter
+        adapter = read_adapter(path, framework="pt")
+        adapter.check_base(self.base.fingerprint)
+        set_peft_model_state_dict(self.vlm.model, dict(adapter.lora.weights), adapter_name=self.recipe.adapter_name)
+        if adapter.soft_prompt is not None and self.soft_prompt is not None:
+            self.soft_prompt.vectors.data.copy_(adapter.soft_prompt)
 
     def _print_trainable(self) -> None:
         table = Table(title=f"trainable parameters ({self.recipe.train.method})")

@@ -121,9 +121,10 @@ class VLM:
 
     @torch.no_grad()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int = 16, soft_prompt=None,
-                 instruction_ids=None, on_token=None, stop_at_eos: bool = True) -> list[list[int]]:
-        """Greedy decoding for a batch of prompts; `on_token(step, token_ids)` streams each step.
-        `stop_at_eos=False` decodes exactly max_new_tokens (benchmarks)."""
+                 instruction_ids=None, on_token=None, stop_at_eos: bool = True, choose=None) -> list[list[int]]:
+        """Greedy decoding for a batch of prompts (or `choose(logits [B, V]) -> ids [B]`); `on_token(step,
+        token_ids)` streams each step and ends decoding by returning True. `stop_at_eos=False` decodes
+        exactly max_new_tokens (benchmarks)."""
         from transformers.cache_utils import DynamicCache
         ids, mask = self.left_pad(prompts)
         ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
@@ -135,13 +136,14 @@ class VLM:
         cache_kw = {_cache_arg(self.family.decoder(self.base_model)): cache}
         for step in range(max_new_tokens):
             h = self.hidden(embeds, mask, use_cache=True, **cache_kw).last_hidden_state
-            nxt = head(h[:, -1]).argmax(-1)
+            logits = head(h[:, -1])
+            nxt = logits.argmax(-1) if choose is None else choose(logits)
             for i, t in enumerate(nxt.tolist()):
                 if not done[i] and t != eos:
                     out[i].append(t)
             done |= nxt == eos
-            if on_token:
-                on_token(step, nxt.tolist())
+            if on_token and on_token(step, nxt.tolist()):
+                break
             if bool(done.all()):
                 break
             embeds = embed(nxt[:, None])

@@ -3,6 +3,10 @@
 Every adapter is loaded once. A request activates the task's GGUF LoRA (`llama_set_adapters_lora`, which
 also clears the KV cache of the previous adapter's prompt) and its onnxruntime adapter (per run, through
 RunOptions); its soft prompt rows go in front of the image rows in one embedding batch.
+
+`lanes` > 1 adds llama.cpp contexts over the one loaded model, so that many generations run at once, each
+with its own KV cache and active adapter; the onnxruntime session is shared (its adapter is per run).
+Adapters listed in the bundle's manifest load and unload while it serves (`load_adapter`, `unload_adapter`).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmagent.backends import TextStream, check_fits, check_image
+from mmagent.backends import Sampling, TextStream, check_fits, check_image, finish_reason
 from mmagent.prompt import prompt_parts
 from mmagent.bundle import BundleError, read_manifest, verify
 
@@ -40,9 +44,10 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
 
 
 class EdgeBackend:
+    live_adapters = True  # adapters load and unload while other lanes generate
+
     def __init__(self, bundle, quant: str = "f16", vision: str = "fp32", n_threads: int | None = None,
-                 n_gpu_layers: int = 0, providers=None, manifest: dict | None = None):
-        from mmagent.agent import AdapterInfo
+                 n_gpu_layers: int = 0, providers=None, manifest: dict | None = None, lanes: int = 1):
         from mmagent.backends.llama_cpp import LlamaCppLM
         from mmagent.backends.onnx_vision import VisionSession
         self.bundle = Path(bundle)
@@ -57,35 +62,71 @@ class EdgeBackend:
         verify(self.bundle, m, needed)
         self.llm = LlamaCppLM(self.bundle / m["llm"][quant], n_ctx=1024, n_threads=n_threads,
                               n_gpu_layers=n_gpu_layers)
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, got {lanes}")
+        self.lanes, self.lms = lanes, [self.llm, *(self.llm.lane() for _ in range(lanes - 1))]
         self.vision = VisionSession(self.bundle / m["vision"][vision], providers)
         self.prompt, self.template = m["prompt"], ChatTemplate(m["prompt"])
-        self.adapters, self.soft_prompts, self.has = {}, {}, {}
+        self.adapters, self.soft_prompts, self.has, self.entries = {}, {}, {}, {}
         for name, a in m["adapters"].items():
-            files = a["files"]
-            if "llm" in files:
-                self.llm.load_adapter(name, self.bundle / files["llm"])
-            if "bridge" in files:
-                self.vision.load_adapter(name, self.bundle / files["bridge"])
-            if "soft_prompt" in files:
-                from safetensors.numpy import load_file
-                self.soft_prompts[name] = load_file(self.bundle / files["soft_prompt"])["vectors"].astype(np.float32)
-            self.has[name] = set(files)
-            self.adapters[name] = AdapterInfo(name, tuple(a["kinds"]), tuple(a["parts"]), a["soft_prompt_tokens"])
+            self._add_adapter(name, a)
+
+    def _add_adapter(self, name: str, a: dict) -> None:
+        from mmagent.adapters import from_manifest
+        files = a["files"]
+        if "llm" in files:
+            self.llm.load_adapter(name, self.bundle / files["llm"])
+        if "bridge" in files:
+            self.vision.load_adapter(name, self.bundle / files["bridge"])
+        if "soft_prompt" in files:
+            from safetensors.numpy import load_file
+            self.soft_prompts[name] = load_file(self.bundle / files["soft_prompt"])["vectors"].astype(np.float32)
+        self.has[name], self.entries[name] = set(files), a
+        self.adapters[name] = from_manifest(name, a)
+
+    def available_adapters(self) -> dict[str, dict]:
+        """The adapters the bundle's manifest lists now (`mmagent export RUN --into` adds to it)."""
+        return read_manifest(self.bundle)["adapters"]
+
+    def load_adapter(self, name: str) -> None:
+        """Load adapter `name` as the bundle's manifest lists it now, after verifying its files (sha256)
+        and that the bundle still has the base this backend runs."""
+        m = read_manifest(self.bundle)
+        if name not in m["adapters"]:
+            raise KeyError(f"bundle `{self.bundle}` lists no adapter `{name}`; it lists: "
+                           f"{', '.join(m['adapters']) or 'none'} (add one with `mmagent export RUN --into {self.bundle}`)")
+        if m["base"]["fingerprint"] != self.manifest["base"]["fingerprint"]:
+            raise BundleError(f"bundle `{self.bundle}` now has base {m['base']['fingerprint']}, but this backend "
+                              f"runs {self.manifest['base']['fingerprint']}; restart to serve the new bundle")
+        verify(self.bundle, m, list(m["adapters"][name]["files"].values()))
+        self._add_adapter(name, m["adapters"][name])
+
+    def unload_adapter(self, name: str) -> None:
+        """Free adapter `name` everywhere. The caller (Agent) makes sure no generation still uses it."""
+        has = self.has.pop(name)
+        self.adapters.pop(name)
+        self.entries.pop(name)
+        self.soft_prompts.pop(name, None)
+        if "llm" in has:
+            self.llm.unload_adapter(name)
+        if "bridge" in has:
+            self.vision.unload_adapter(name)
 
     def decode(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).strip()
 
     def close(self) -> None:
-        self.llm.close()
+        self.llm.close()  # its lanes too
 
     def prompt_segments(self, image, question, adapter, kind, history) -> list:
         from mmagent.prompt import chat_prompt
-        instructions = self.manifest["adapters"].get(adapter, {}).get("instructions", {}) if adapter else {}
-        instruction, text = prompt_parts(question, kind, instructions)
+        record = self.adapters.get(adapter) if adapter else None
+        instruction, text = prompt_parts(question, kind, record.instructions if record else {})
         soft = self.soft_prompts.get(adapter) if adapter else None
         n_soft = 0 if soft is None else len(soft)
         placeholder = self.prompt["image_token"] * (n_soft + self.prompt["n_image_tokens"])
-        prompt = chat_prompt(self.template, self.prompt["system"], placeholder, instruction, text, history)
+        system = (record.system if record else None) or self.prompt["system"]  # each adapter's own, as trained
+        prompt = chat_prompt(self.template, system, placeholder, instruction, text, history)
         before, after = prompt.split(placeholder, 1)
         before, after = self.llm.tokenize(before), self.llm.tokenize(after)
         check_fits(len(before) + n_soft + self.prompt["n_image_tokens"] + len(after), self.llm.n_ctx)
@@ -96,21 +137,28 @@ class EdgeBackend:
             rows = np.concatenate([soft, rows])
         return [before, np.ascontiguousarray(rows, dtype=np.float32), after]
 
-    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text, stop_at_eos=True):
+    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text, stop_at_eos=True,
+                 sampling: Sampling | None = None, lane: int = 0, cancel=None):
+        sampling = sampling or Sampling()
         t0 = time.perf_counter()
         segments = self.prompt_segments(image, question, adapter, kind, history)
         t_image = time.perf_counter() - t0
-        self.llm.set_adapter(adapter if adapter and "llm" in self.has[adapter] else None)
-        stream, first = TextStream(self.decode, on_text), []
+        lm = self.lms[lane]
+        lm.set_adapter(adapter if adapter and "llm" in self.has[adapter] else None)
+        stream, first = TextStream(self.decode, on_text, sampling.stop, cancel), []
 
-        def on_token(token: int) -> None:
+        def on_token(token: int) -> bool:
             if not first:
                 first.append(time.perf_counter())
-            stream.push(token)
+            return stream.push(token)
 
-        tokens = self.llm.generate(segments, max_new_tokens, on_token, stop_at_eos)
+        n_prompt = sum(len(s) for s in segments)
+        max_new_tokens = min(max_new_tokens, lm.n_ctx - n_prompt)
+        tokens = lm.generate(segments, max_new_tokens, on_token, stop_at_eos, sampling.chooser())
         stream.finish()
         end = time.perf_counter()
         start = first[0] if first else end
-        return tokens, {"image": t_image, "first_token": start - t0,
-                        "tokens_per_s": max(0, len(tokens) - 1) / max(1e-9, end - start)}
+        info = {"image": t_image, "first_token": start - t0,
+                "tokens_per_s": max(0, len(tokens) - 1) / max(1e-9, end - start),
+                "prompt_tokens": n_prompt, "finish_reason": finish_reason(stream, len(tokens), max_new_tokens)}
+        return tokens, info | ({"text": stream.text} if stream.stopped else {})

@@ -13,13 +13,16 @@ a build that crashes there runs without extra buffer types (slower, correct). do
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
@@ -155,16 +158,57 @@ def default_threads(model_bytes: int) -> int:
     return max(1, min(_usable_cpus(), 1 + model_bytes // BYTES_PER_THREAD))
 
 
+class SharedLock:
+    """Many holders at once, or one exclusive holder; an exclusive waiter goes before new shared ones.
+
+    llama.cpp contexts over one model decode in parallel (shared), but adding or freeing a LoRA adapter
+    edits the model's adapter set that every context reads when it builds its graph (exclusive)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = self._waiting = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not (self._exclusive or self._waiting))
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not (self._exclusive or self._shared))
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class LlamaCppLM:
     """One GGUF LLM in llama.cpp with one context (a single sequence), plus LoRA adapters loaded beside it.
 
     Each `generate` starts from an empty KV cache; prompts are lists of token-id and embedding segments.
+    `lane()` adds another context over the same model and adapters, for one more sequence decoding at once
+    from another thread (each context with its own KV cache and its own active adapter).
     """
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
                  n_gpu_layers: int = 0, extra_buffer_types: bool | None = None):
         self._ctx = self._model = None
         self._adapters: dict[str, tuple] = {}  # name -> (adapter, ctypes array of it, ctypes scales)
+        self._owner, self._lanes, self._guard = None, [], SharedLock()
         silence_llama_cpp()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
@@ -174,7 +218,7 @@ class LlamaCppLM:
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(gguf_path), model_params)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
-        threads = n_threads or default_threads(llama_cpp.llama_model_size(self._model))
+        threads = self.n_threads = n_threads or default_threads(llama_cpp.llama_model_size(self._model))
         self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(n_ctx, threads))
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {gguf_path}")
@@ -192,12 +236,25 @@ class LlamaCppLM:
         params.n_threads = params.n_threads_batch = n_threads
         return params
 
+    def lane(self) -> LlamaCppLM:
+        """Another context over this model and its adapters (loaded now or later), for one more sequence
+        decoding in parallel from another thread. The first LlamaCppLM frees its lanes when it closes."""
+        other = copy.copy(self)  # shares the model, the vocabulary, the adapter table and the guard
+        other._owner, other._lanes, other._ctx, other.active_adapter, other._n_past = self, [], None, None, 0
+        with self._guard.shared():
+            other._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(self.n_ctx, self.n_threads))
+        if not other._ctx:
+            raise RuntimeError(f"llama.cpp could not create another context of {self.n_ctx} tokens")
+        self._lanes.append(other)
+        return other
+
     # ---- adapters -------------------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         if name in self._adapters:
             raise ValueError(f"an adapter named `{name}` is already loaded")
-        adapter = llama_cpp.llama_adapter_lora_init(self._model, os.fsencode(path))
+        with self._guard.exclusive():
+            adapter = llama_cpp.llama_adapter_lora_init(self._model, os.fsencode(path))
         if not adapter:
             raise RuntimeError(f"llama.cpp could not load the LoRA adapter {path} for this model")
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
@@ -208,11 +265,26 @@ class LlamaCppLM:
         if name is not None and name not in self._adapters:
             raise KeyError(f"no adapter `{name}` loaded; loaded: {', '.join(self._adapters) or 'none'}")
         _, adapters, scales = self._adapters[name] if name is not None else (None, None, None)
-        status = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 0 if name is None else 1, scales)
+        with self._guard.shared():
+            status = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 0 if name is None else 1, scales)
         if status != 0:
             raise RuntimeError(f"llama.cpp could not switch to adapter `{name}` (status {status})")
         self.active_adapter = name
         self._clear_cache()
+
+    def unload_adapter(self, name: str) -> None:
+        """Free adapter `name` on this model (every lane). The caller makes sure no generation still uses it;
+        a lane that last applied it lets go of it first."""
+        if name not in self._adapters:
+            raise KeyError(f"no adapter `{name}` loaded; loaded: {', '.join(self._adapters) or 'none'}")
+        root = self._owner or self
+        with self._guard.exclusive():  # no decode or switch runs anywhere meanwhile
+            adapter, _, _ = self._adapters.pop(name)
+            for lm in (root, *root._lanes):
+                if lm.active_adapter == name and lm._ctx:
+                    llama_cpp.llama_set_adapters_lora(lm._ctx, None, 0, None)
+                    lm.active_adapter = None
+            llama_cpp.llama_adapter_lora_free(adapter)
 
     # ---- tokens ---------------------------------------------------------------------------------------------
 
@@ -257,7 +329,8 @@ class LlamaCppLM:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = i == n - 1  # only the last position's logits are read
-            status = llama_cpp.llama_decode(self._ctx, batch)
+            with self._guard.shared():
+                status = llama_cpp.llama_decode(self._ctx, batch)
         finally:
             llama_cpp.llama_batch_free(batch)
         if status != 0:
@@ -297,20 +370,22 @@ class LlamaCppLM:
         return self._last_logits().copy()
 
     def generate(self, segments: Sequence[Segment], max_new_tokens: int,
-                 on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True) -> list[int]:
-        """Feed `segments` in order from an empty cache, then decode greedily until an end token or
-        `max_new_tokens`. The end token is not returned. `stop_at_eos=False` decodes exactly
-        `max_new_tokens` (benchmarks)."""
+                 on_token: Callable[[int], bool | None] | None = None, stop_at_eos: bool = True,
+                 choose: Callable[[np.ndarray], int] | None = None) -> list[int]:
+        """Feed `segments` in order from an empty cache, then decode until an end token, `max_new_tokens`
+        or `on_token` returning True. `choose` picks a token from the logits (default: greedy). The end
+        token is not returned. `stop_at_eos=False` decodes exactly `max_new_tokens` (benchmarks)."""
         self._feed(segments)
         out: list[int] = []
         max_new_tokens = min(max_new_tokens, self.n_ctx - self._n_past)  # stop at the context's end
         while len(out) < max_new_tokens:
-            token = int(np.argmax(self._last_logits()))
+            logits = self._last_logits()
+            token = int(np.argmax(logits)) if choose is None else choose(logits)
             if stop_at_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 break
             out.append(token)
-            if on_token is not None:
-                on_token(token)
+            if on_token is not None and on_token(token):
+                break
             if len(out) < max_new_tokens:
                 self._decode_tokens([token])
         return out
@@ -318,6 +393,14 @@ class LlamaCppLM:
     # ---- lifetime -------------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._owner is not None:  # a lane: its context only; the model and adapters are the owner's
+            if self._ctx:
+                llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+            return
+        for lane in self._lanes:
+            lane.close()
+        self._lanes = []
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
         for adapter, _, _ in self._adapters.values():
@@ -325,7 +408,7 @@ class LlamaCppLM:
         if self._model:
             llama_cpp.llama_model_free(self._model)
         self._ctx = self._model = None
-        self._adapters = {}
+        self._adapters.clear()  # the lanes' table too
 
     def __del__(self):
         self.close()

@@ -24,6 +24,10 @@ class VisionSession:
         adapter.Load(str(path))
         self.adapters[name] = adapter
 
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name`. The caller makes sure no run still uses it (onnxruntime holds a bare pointer)."""
+        self.adapters.pop(name)
+
     @property
     def reads_instruction(self) -> bool:
         return INSTRUCTION_INPUTS[0] in {i.name for i in self.session.get_inputs()}

@@ -9,82 +9,70 @@ from pathlib import Path
 
 import torch
 
-from mmagent.backends import TextStream, check_fits, check_image
-from mmagent.prompt import prompt_parts
+from mmagent.adapters import Adapter, check_unique, read_adapter
+from mmagent.artifacts import ADAPTER, MODEL, RUN, kind_of, run_adapter_dirs, what_to_give
+from mmagent.backends import Sampling, TextStream, check_fits, check_image, finish_reason
+from mmagent.prompt import chat_prompt, prompt_parts
 
 
 def adapter_dirs(paths: list[Path]) -> tuple[list[Path], Path | None]:
     """Adapter folders from run directories / adapter folders, and a plain model dir if one was given."""
     found, model_dir = [], None
     for p in paths:
-        if (p / "adapters").is_dir():
-            found += sorted(d for d in (p / "adapters").iterdir() if (d / "mmagent_adapter.json").exists())
-        elif (p / "mmagent_adapter.json").exists():
+        kind = kind_of(p)
+        if kind == RUN:
+            found += run_adapter_dirs(p)
+        elif kind == ADAPTER:
             found.append(p)
-        elif (p / "config.json").exists():
+        elif kind == MODEL:
             model_dir = p
         else:
-            raise FileNotFoundError(f"`{p}` is neither a run directory (adapters/), an adapter folder, "
-                                    "nor a model directory (config.json)")
+            raise FileNotFoundError(what_to_give(p) + ("; a bundle loads with the edge backend" if kind else ""))
     return found, model_dir
 
 
-def check_unique_names(metas: dict[Path, dict]) -> None:
-    """One model holds one adapter per name: two adapters named alike would leave one silently unused."""
-    by_name: dict[str, list[Path]] = {}
-    for d, meta in metas.items():
-        by_name.setdefault(meta["task"], []).append(d)
-    clashes = {name: ds for name, ds in by_name.items() if len(ds) > 1}
-    if not clashes:
-        return
-    from mmagent.train.adapters import AdapterError
-    lines = []
-    for name, ds in clashes.items():
-        where = [str(d.parent.parent) if d.parent.name == "adapters" else str(d) for d in ds]
-        if len({Path(d).resolve() for d in ds}) < len(ds):
-            lines.append(f"adapter `{name}` is given more than once ({', '.join(f'`{d}`' for d in ds)}); "
-                         "list each run once")
-        else:
-            lines.append(f"adapter `{name}` is in {len(ds)} runs: {', '.join(f'`{w}`' for w in where)} "
-                         f"({', '.join(f'`{d}`' for d in ds)})")
-    raise AdapterError("adapter names must differ, one model holds one adapter per name:\n  " + "\n  ".join(lines)
-                       + "\nfix: train one of them again under another adapter name with `run.adapter=NAME` (and a run "
-                         "directory of its own), e.g. `mmagent train RECIPE.toml run.name=vqa2 run.adapter=vqa2`, "
-                         "then load or export the runs together")
+def attach(model, adapter: Adapter):
+    """`model` with `adapter` added from its record (a PeftModel is made for the first): no file is read
+    again. PEFT's own `from_pretrained` would load the same weights from the adapter folder."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**adapter.lora.config))
+    config.inference_mode = True
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter.name, config)
+    else:
+        model = PeftModel(model, config, adapter_name=adapter.name)
+    result = set_peft_model_state_dict(model, dict(adapter.lora.weights), adapter_name=adapter.name)
+    if result.unexpected_keys:
+        from mmagent.adapters import AdapterError
+        raise AdapterError(f"adapter `{adapter.path}` holds {len(result.unexpected_keys)} weights this base has no "
+                           f"place for (e.g. `{result.unexpected_keys[0]}`); it belongs to another base")
+    return model
 
 
 class TorchBackend:
     def __init__(self, paths: list[Path], device: str | None = None):
-        from mmagent.agent import AdapterInfo
-        from mmagent.train import adapters as ad
         from mmagent.train.base import Base, fingerprint, load, resolve
         from mmagent.train.vlm import VLM
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dirs, model_dir = adapter_dirs(paths)
-        metas = {d: ad.read_adapter_meta(d) for d in dirs}
-        check_unique_names(metas)
+        records = [read_adapter(d, framework="pt") for d in dirs]  # each adapter read once, here
+        check_unique(records)
         if model_dir is not None:
             base = Base(str(model_dir), model_dir, fingerprint(model_dir))
-        elif metas:
-            base = resolve(next(iter(metas.values()))["base_ref"])
+        elif records:
+            base = resolve(records[0].base_ref)
         else:
             raise FileNotFoundError(f"no adapters or model found in {', '.join(map(str, paths))}")
         model, tokenizer, processor = load(base)
         self.base = base
         self.base_info = {"ref": base.ref, "fingerprint": base.fingerprint}
-        self.adapters, self.soft_prompts, self.instructions, self.adapter_paths = {}, {}, {}, {}
-        system = None
-        for d, meta in metas.items():
-            ad.check_base(meta, base.fingerprint, d)
-            name = meta["task"]
-            model = self._attach(model, d, name)
-            self.soft_prompts[name] = ad.load_soft_prompt(d)
-            self.adapter_paths[name] = d
-            self.instructions[name] = meta.get("instructions", {})
-            self.adapters[name] = AdapterInfo(name, tuple(meta.get("kinds", [])), tuple(meta["parts"]),
-                                              meta.get("soft_prompt_tokens", 0))
-            system = system or meta.get("system")
-        self.vlm = VLM(model.to(self.device).eval(), tokenizer, processor, **({"system": system} if system else {}))
+        self.adapters: dict[str, Adapter] = {}
+        for record in records:
+            record.check_base(base.fingerprint)
+            model = attach(model, record)
+            self.adapters[record.name] = record
+        self.vlm = VLM(model.to(self.device).eval(), tokenizer, processor)
+        self.default_system = self.vlm.system
 
     @property
     def context_length(self) -> int:
@@ -96,51 +84,90 @@ class TorchBackend:
         from mmagent.train.base import load
         return load(self.base)[0]
 
-    @staticmethod
-    def _attach(model, path: Path, name: str):
-        from peft import PeftModel
-        if isinstance(model, PeftModel):
-            model.load_adapter(path, adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, path, adapter_name=name)
-
     def using_adapter(self, adapter: str | None):
         """A context in which `adapter` (None: the bare base) is the active one."""
+        from peft import PeftModel
+        if not isinstance(self.vlm.model, PeftModel):  # no LoRA layers: a plain base, or a merged model
+            return nullcontext()
         if adapter is None:
-            return self.vlm.model.disable_adapter() if self.adapters else nullcontext()
+            return self.vlm.model.disable_adapter()
         self.vlm.model.set_adapter(adapter)
         return nullcontext()
 
     def decode(self, tokens: list[int]) -> str:
         return self.vlm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
+    def prompt_text(self, record: Adapter | None, instruction: str, text: str, n_soft: int = 0, history=()) -> str:
+        """The prompt with the adapter's own system prompt (each adapter was trained with its own)."""
+        system = (record.system if record is not None else None) or self.default_system
+        return chat_prompt(self.vlm.tokenizer, system, self.vlm.placeholder(n_soft), instruction, text, history)
+
+    lanes = 1  # one PeftModel whose active adapter is global: one generation at a time
+
+    def available_adapters(self) -> list[str]:
+        """Adapters this backend can load: the ones it was given (an unloaded one loads again)."""
+        return [*self.adapters, *self._shelf()]
+
+    def _shelf(self) -> dict:
+        return self.__dict__.setdefault("_unloaded", {})  # name -> record of an unloaded adapter
+
+    def load_adapter(self, name: str) -> None:
+        """Load adapter `name` again, from the record read when this backend started."""
+        if name not in self._shelf():
+            raise KeyError(f"no unloaded adapter `{name}` among the runs this model was loaded from: "
+                           f"{', '.join(self.available_adapters()) or 'none'}")
+        record = self._shelf().pop(name)
+        attach(self.vlm.model, record)
+        self.adapters[name] = record
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter `name` from the PeftModel (PEFT's delete_adapter); `load_adapter` brings it back."""
+        self._shelf()[name] = self.adapters.pop(name)
+        self.vlm.model.delete_adapter(name)
+
+    @staticmethod
+    def _chooser(sampling: Sampling):
+        pick = sampling.chooser()
+        if pick is None:
+            return None
+        return lambda logits: torch.tensor([pick(row.float().cpu().numpy()) for row in logits], device=logits.device)
+
+    def prompt_text(self, record: Adapter | None, instruction: str, text: str, n_soft: int = 0, history=()) -> str:
+        """The prompt with the adapter's own system prompt (each adapter was trained with its own)."""
+        system = (record.system if record is not None else None) or self.default_system
+        return chat_prompt(self.vlm.tokenizer, system, self.vlm.placeholder(n_soft), instruction, text, history)
+
     @torch.no_grad()
-    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text, stop_at_eos=True):
+    def generate(self, image, question, adapter, kind, history, max_new_tokens, on_text, stop_at_eos=True,
+                 sampling: Sampling | None = None, lane: int = 0, cancel=None):
+        sampling = sampling or Sampling()
         t0 = time.perf_counter()
-        soft = self.soft_prompts.get(adapter) if adapter else None
-        soft = soft.to(self.device) if soft is not None else None
-        instruction, text = prompt_parts(question, kind, self.instructions.get(adapter, {}))
+        record = self.adapters.get(adapter) if adapter else None
+        soft = record.soft_prompt[None].to(self.device) if record is not None and record.soft_prompt is not None \
+            else None
+        instruction, text = prompt_parts(question, kind, record.instructions if record else {})
         n_soft = 0 if soft is None else soft.shape[1]
-        prompt = self.vlm.tokenizer(self.vlm.prompt_text(instruction, text, n_soft, history),
+        prompt = self.vlm.tokenizer(self.prompt_text(record, instruction, text, n_soft, history),
                                     add_special_tokens=False).input_ids
         n_ctx = self.context_length
         check_fits(len(prompt), n_ctx)
         max_new_tokens = min(max_new_tokens, n_ctx - len(prompt))  # stop at the context's end, as llama.cpp does
         check_image(image)
         pixels = self.vlm.pixels([image]).to(self.device)
-        stream, first = TextStream(self.decode, on_text), []
+        stream, first = TextStream(self.decode, on_text, sampling.stop, cancel), []
 
         def on_token(step, ids):
             if step == 0:
                 first.append(time.perf_counter())
-            if ids[0] != self.vlm.tokenizer.eos_token_id:
-                stream.push(ids[0])
+            return ids[0] != self.vlm.tokenizer.eos_token_id and stream.push(ids[0])
 
         with self.using_adapter(adapter):
             tokens = self.vlm.generate(pixels, [prompt], max_new_tokens, soft, on_token=on_token,
-                                       stop_at_eos=stop_at_eos)[0]
+                                       stop_at_eos=stop_at_eos, choose=self._chooser(sampling))[0]
         stream.finish()
         end = time.perf_counter()
         n = max(1, len(tokens) - 1)
-        return tokens, {"first_token": first[0] - t0 if first else end - t0,
-                        "tokens_per_s": n / max(1e-9, end - (first[0] if first else t0))}
+        info = {"first_token": first[0] - t0 if first else end - t0,
+                "tokens_per_s": n / max(1e-9, end - (first[0] if first else t0)), "prompt_tokens": len(prompt),
+                "finish_reason": finish_reason(stream, len(tokens), max_new_tokens)}
+        return tokens, info | ({"text": stream.text} if stream.stopped else {})
