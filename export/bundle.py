@@ -19,6 +19,7 @@ from mmagent.bundle import SCHEMA
 from mmagent.files import atomic_dir, atomic_write_json, sha256_file
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
+QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBLIP's, in the bundle as in its checkpoint
 
 
 class ExportError(ValueError):
@@ -63,6 +64,9 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
     if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
         from mmagent.export.gguf.writer import check_llama_cpp_support
         check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
+    if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
+        from mmagent.export.gguf.writer import check_llama_cpp_support
+        check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
     manifest = {"schema": SCHEMA, "family": backend.vlm.family.name, "base": backend.base_info,
                 "prompt": prompt_info(backend), "llm": {}, "vision": {}, "adapters": {}}
     # One plain copy of the base (no LoRA layers) serves both writers; neither changes it.
@@ -98,7 +102,9 @@ def prompt_info(backend) -> dict:
             "n_image_tokens": vlm.family.n_image_tokens(model), "eos_token_id": vlm.tokenizer.eos_token_id,
             "bos_token": vlm.tokenizer.bos_token, "eos_token": vlm.tokenizer.eos_token,
             "image": {"size": vlm.family.image_size(model), "mean": list(processor.image_mean),
-                      "std": list(processor.image_std), "resample": int(getattr(processor, "resample", 3))}}
+                      "std": list(processor.image_std), "resample": int(getattr(processor, "resample", 3))},
+            **({"qformer_tokenizer": f"{QFORMER_TOKENIZER}/tokenizer.json",
+                "qformer_max_tokens": vlm.family.max_instruction_tokens(model)} if vlm.family.reads_instruction else {})}
 
 
 def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dict, say) -> None:
@@ -175,6 +181,8 @@ def write_merged(backend, tmp: Path, manifest: dict, say) -> None:
 def write_tokenizer(backend, tmp: Path) -> None:
     backend.vlm.tokenizer.save_pretrained(tmp / "tokenizer")
     backend.vlm.image_processor.save_pretrained(tmp / "tokenizer")
+    if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP: the edge backend tokenises the instruction
+        backend.vlm.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER)
 
 
 def describe(path: Path) -> dict:

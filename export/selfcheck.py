@@ -20,6 +20,7 @@ VISION_TOL = 1e-3   # fp32 ONNX vs torch, max abs over all embedding values
 N_TOKENS = 8
 PROBE_STRINGS = ["What colour is the circle?", "héllo wörld: ünïcode ✓ 日本語 🙂", "  runs   of\tspaces\n\n\nand lines  ",
                  "1234567890 3.14159 don't", "<|im_start|>user\nhi<|im_end|>\n"]
+PROBE_INSTRUCTION = "Describe the image.\nwhat colour is the circle?"  # what an instruction-reading bridge gets
 PROMPTS = {"vqa": ["is there a circle?", "how many squares are there?"], "caption": ["Describe the image."],
            "match": ["a small red circle on the left."]}
 
@@ -43,7 +44,8 @@ def edge_outputs(bundle_dir, manifest: dict, quant: str, images: list, cases: li
             out["tokens"] = [edge.llm.tokenize(s) for s in strings]
             out["template"] = edge.template.apply_chat_template([{"role": "user", "content": "x"}])
             out["pixels"] = pixels
-            out["vision"] = {a or "base": edge.vision.run(pixels, a if a and "bridge" in edge.has[a] else None)
+            said = edge.instruction_inputs([PROBE_INSTRUCTION] * len(images))  # InstructBLIP's Q-Former reads it
+            out["vision"] = {a or "base": edge.vision.run(pixels, a if a and "bridge" in edge.has[a] else None, said)
                              for a in [None, *edge.adapters]}
         return out
     finally:
@@ -80,7 +82,8 @@ def check_vision(backend, edge: dict, images) -> dict:
     diffs = {"preprocess": float(np.abs(edge["pixels"] - pixels_torch.numpy()).max())}
     for adapter in [None, *backend.adapters]:
         with torch.no_grad(), backend.using_adapter(adapter):
-            ref = backend.vlm.image_embeds(pixels_torch).numpy()
+            said = backend.vlm.instruction_inputs([PROBE_INSTRUCTION] * len(images))
+            ref = backend.vlm.image_embeds(pixels_torch, None, said).numpy()
         diffs[adapter or "base"] = float(np.abs(edge["vision"][adapter or "base"] - ref).max())
     return {"max_abs_diff": diffs, "tolerance": VISION_TOL}
 

@@ -31,11 +31,17 @@ def prompt_parts(question: str, kind: str, instructions: dict) -> tuple[str, str
     return (instruction, "") if kind == "caption" else (instruction, question)
 
 
+def user_text(instruction: str, input: str = "") -> str:
+    """The user turn's text (without image placeholders): what the LLM reads after the image, and what
+    InstructBLIP's Q-Former reads as the instruction."""
+    return instruction + (("\n" + input) if input else "")
+
+
 def chat_prompt(tokenizer, system: str, placeholder: str, instruction: str, input: str = "", history=()) -> str:
     """The one prompt layout: system, then the image placeholders at the start of the first user turn.
     `tokenizer` is anything with `chat_template` and `apply_chat_template` (a HF tokenizer, the edge
     backend's template renderer)."""
-    user = instruction + (("\n" + input) if input else "")
+    user = user_text(instruction, input)
     messages = [{"role": "system", "content": system}]
     for i, (q, a) in enumerate(history):
         messages += [{"role": "user", "content": (placeholder if i == 0 else "") + q},

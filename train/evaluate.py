@@ -59,8 +59,9 @@ def predict(vlm, records: list[dict], images: list, soft_prompt, max_new_tokens:
     ready = [i for i, im in enumerate(images) if im is not None]
     for start in range(0, len(ready), EVAL_BATCH):
         chunk = ready[start:start + EVAL_BATCH]
-        prompts = [vlm.encode(records[i]["instruction"], records[i]["input"], None, n_soft).input_ids for i in chunk]
-        ids = vlm.generate(vlm.pixels([images[i] for i in chunk]).to(device), prompts, max_new_tokens, soft_prompt)
+        encoded = [vlm.encode(records[i]["instruction"], records[i]["input"], None, n_soft) for i in chunk]
+        ids = vlm.generate(vlm.pixels([images[i] for i in chunk]).to(device), [e.input_ids for e in encoded],
+                           max_new_tokens, soft_prompt, vlm.instruction_inputs([e.instruction for e in encoded], device))
         for i, toks in zip(chunk, ids):
             out[i] = vlm.tokenizer.decode(toks, skip_special_tokens=True).strip()
     return out
@@ -78,18 +79,10 @@ def rank_predict(vlm, records: list[dict], images: list, candidates: list[str], 
     per_chunk = max(1, EVAL_BATCH // len(cand))
     for start in range(0, len(ready), per_chunk):
         chunk = ready[start:start + per_chunk]
-        feats = vlm.image_embeds(vlm.pixels([images[i] for i in chunk]).to(device))
-        prompts = [vlm.encode(records[i]["instruction"], records[i]["input"], None).input_ids for i in chunk]
-        seqs = [(p + c, [-100] * len(p) + c) for p in prompts for c in cand]
-        n = max(len(ids) for ids, _ in seqs)
-        ids = torch.tensor([x + [0] * (n - len(x)) for x, _ in seqs], device=device)
-        labels = torch.tensor([y + [-100] * (n - len(y)) for _, y in seqs], device=device)
-        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x, _ in seqs], device=device)
-        h = vlm.hidden(vlm.embed_with(ids, feats.repeat_interleave(len(cand), 0)), mask).last_hidden_state
-        logp = torch.log_softmax(vlm.family.head(vlm.base_model)(h[:, :-1]).float(), -1)
-        target = labels[:, 1:]
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
-        best = picked.sum(-1).view(len(chunk), len(cand)).argmax(-1)
+        encoded = [vlm.encode(records[i]["instruction"], records[i]["input"], None) for i in chunk]
+        feats = vlm.image_embeds(vlm.pixels([images[i] for i in chunk]).to(device), None,
+                                 vlm.instruction_inputs([e.instruction for e in encoded], device))
+        best = vlm.answer_logprobs([e.input_ids for e in encoded], feats, cand).argmax(-1)
         for i, b in zip(chunk, best.tolist()):
             out[i] = candidates[b]
     return out

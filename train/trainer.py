@@ -26,6 +26,7 @@ from mmagent.train.data.stream import TaskMixture
 from mmagent.train.data.tasks import check_images_exist, eval_subset, file_digests, task_records
 from mmagent.train.evaluate import answer_vocabulary, evaluate_tasks
 from mmagent.train.families import expand_presets
+from mmagent.train.families import expand_presets
 from mmagent.train.recipe import Recipe
 from mmagent.train.report import read_metrics, write_report
 from mmagent.train.rundir import RunLock, TrainingInterrupted, check_fresh, check_resume
@@ -247,9 +248,13 @@ class Trainer:
         n = max(len(e.input_ids) for e in encoded)
         pad = self.vlm.tokenizer.pad_token_id or 0
         ids = torch.tensor([e.input_ids + [pad] * (n - len(e.input_ids)) for e in encoded])
-        labels = torch.tensor([e.labels + [-100] * (n - len(e.labels)) for e in encoded])
+        m = max(len(e.labels) for e in encoded)  # an encoder-decoder's labels are the answer alone
+        labels = torch.tensor([e.labels + [-100] * (m - len(e.labels)) for e in encoded])
         mask = torch.tensor([[1] * len(e.input_ids) + [0] * (n - len(e.input_ids)) for e in encoded])
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": self.vlm.pixels(images)}
+        instruction = self.vlm.instruction_inputs([e.instruction for e in encoded])  # InstructBLIP's Q-Former
+        if instruction is not None:
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = instruction
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def train_step(self, stream) -> float:

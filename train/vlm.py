@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmagent.prompt import DEFAULT_SYSTEM, chat_prompt
+from mmagent.prompt import DEFAULT_SYSTEM, chat_prompt, user_text
 from mmagent.train.families import family_for
 
 
@@ -19,7 +19,8 @@ from mmagent.train.families import family_for
 @dataclass
 class Encoded:
     input_ids: list[int]
-    labels: list[int]  # -100 on the prompt: loss only on the answer
+    labels: list[int]  # -100 on the prompt: loss only on the answer (labels[1:] are the targets)
+    instruction: str = ""  # the user turn's text: what InstructBLIP's Q-Former reads
 
 
 def _cache_arg(decoder) -> str:
@@ -29,10 +30,15 @@ def _cache_arg(decoder) -> str:
 
 
 class VLM:
-    def __init__(self, model, tokenizer, image_processor, system: str = DEFAULT_SYSTEM):
+    def __init__(self, model, tokenizer, image_processor, system: str = DEFAULT_SYSTEM, qformer_tokenizer=None):
         self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
         self.family = family_for(model)
         self.system = system
+        # An encoder-decoder LLM (Flan-T5) reads the prompt in its encoder and writes the answer in its decoder.
+        self.seq2seq = self.family.encoder_decoder(self.base_model)
+        self.qformer_tokenizer = qformer_tokenizer
+        if self.family.reads_instruction and qformer_tokenizer is None:
+            self.qformer_tokenizer = self.family.instruction_tokenizer(self.base_model)
 
     # ---- prompts -------------------------------------------------------------------------------
     @property
@@ -52,25 +58,39 @@ class VLM:
     def encode(self, instruction: str, input: str, output: str | None, n_soft: int = 0) -> Encoded:
         tok = self.tokenizer
         prompt = tok(self.prompt_text(instruction, input, n_soft), add_special_tokens=False).input_ids
+        said = user_text(instruction, input)
         if output is None:
-            return Encoded(prompt, [-100] * len(prompt))
+            return Encoded(prompt, [-100] * len(prompt), said)
         answer = tok(output, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        return Encoded(prompt + answer, [-100] * len(prompt) + answer)
+        if self.seq2seq:  # the encoder reads the prompt; the decoder's targets are the answer
+            return Encoded(prompt, [-100] + answer, said)
+        return Encoded(prompt + answer, [-100] * len(prompt) + answer, said)
+
+    def instruction_inputs(self, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Q-Former token ids, mask) of each user turn for a bridge that reads the instruction, else None."""
+        if not self.family.reads_instruction:
+            return None
+        enc = self.qformer_tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                                     max_length=self.family.max_instruction_tokens(self.base_model))
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    def batch_instruction(self, batch: dict):
+        return (batch["qformer_input_ids"], batch["qformer_attention_mask"]) if "qformer_input_ids" in batch else None
 
     def pixels(self, images) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt").pixel_values
 
     # ---- forward -------------------------------------------------------------------------------
     def image_embeds(self, pixel_values: torch.Tensor, soft_prompt: torch.Tensor | None = None,
-                     instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, n_soft + n_image, H): the vectors that fill the placeholders."""
-        feats = self.family.image_features(self.base_model, pixel_values, instruction_ids)
+                     instruction=None) -> torch.Tensor:
+        """(B, n_soft + n_image, H): the vectors that fill the placeholders. `instruction`: instruction_inputs()."""
+        feats = self.family.image_features(self.base_model, pixel_values, instruction)
         if soft_prompt is not None:
             feats = torch.cat([soft_prompt.to(feats.dtype).expand(feats.shape[0], -1, -1), feats], dim=1)
         return feats
 
-    def input_embeds(self, input_ids, pixel_values, soft_prompt=None, instruction_ids=None) -> torch.Tensor:
-        return self.embed_with(input_ids, self.image_embeds(pixel_values, soft_prompt, instruction_ids))
+    def input_embeds(self, input_ids, pixel_values, soft_prompt=None, instruction=None) -> torch.Tensor:
+        return self.embed_with(input_ids, self.image_embeds(pixel_values, soft_prompt, instruction))
 
     def embed_with(self, input_ids, feats) -> torch.Tensor:
         """Token embeddings with the placeholders filled by `feats` (B, n_soft + n_image, H) in order."""
@@ -89,7 +109,7 @@ class VLM:
 
     def _last_hidden(self, batch: dict, soft_prompt) -> torch.Tensor:
         embeds = self.input_embeds(batch["input_ids"], batch["pixel_values"], soft_prompt,
-                                   batch.get("instruction_ids"))
+                                   self.batch_instruction(batch))
         return self.hidden(embeds, batch["attention_mask"]).last_hidden_state
 
     def loss(self, batch: dict, soft_prompt=None, vocab: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,6 +118,8 @@ class VLM:
         `vocab` (sorted token ids holding every label) restricts the softmax to those tokens: exact for the
         targets' relative odds, and for a from-scratch LLM on a small caption vocabulary most of the step
         time saved (49k -> ~100 logits a position)."""
+        if self.seq2seq:
+            return self._seq2seq_loss(batch, soft_prompt, reduction)
         h = self._last_hidden(batch, soft_prompt)
         labels = batch["labels"][:, 1:]
         keep = labels != -100
@@ -121,14 +143,16 @@ class VLM:
 
     @torch.no_grad()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int = 16, soft_prompt=None,
-                 instruction_ids=None, on_token=None, stop_at_eos: bool = True, choose=None) -> list[list[int]]:
+                 instruction=None, on_token=None, stop_at_eos: bool = True, choose=None) -> list[list[int]]:
         """Greedy decoding for a batch of prompts (or `choose(logits [B, V]) -> ids [B]`); `on_token(step,
         token_ids)` streams each step and ends decoding by returning True. `stop_at_eos=False` decodes
         exactly max_new_tokens (benchmarks)."""
         from transformers.cache_utils import DynamicCache
         ids, mask = self.left_pad(prompts)
         ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
-        embeds = self.input_embeds(ids, pixel_values, soft_prompt, instruction_ids)
+        embeds = self.input_embeds(ids, pixel_values, soft_prompt, instruction)
+        if self.seq2seq:
+            return self._seq2seq_generate(embeds, mask, max_new_tokens, on_token, stop_at_eos, choose)
         cache, eos = DynamicCache(), self.tokenizer.eos_token_id if stop_at_eos else -1
         out = [[] for _ in prompts]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
@@ -149,3 +173,60 @@ class VLM:
             embeds = embed(nxt[:, None])
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return out
+
+    # ---- encoder-decoder LLMs (Flan-T5) --------------------------------------------------------
+    def _seq2seq_loss(self, batch: dict, soft_prompt, reduction: str) -> torch.Tensor:
+        """Cross-entropy of the decoder on the answer (labels[:, 1:]); the encoder reads prompt + image."""
+        lm = self.family.causal_lm(self.base_model)
+        embeds = self.input_embeds(batch["input_ids"], batch["pixel_values"], soft_prompt,
+                                   self.batch_instruction(batch))
+        labels = batch["labels"][:, 1:]
+        logits = lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                    decoder_input_ids=lm._shift_right(labels)).logits
+        keep = labels != -100
+        return torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction=reduction)
+
+    def _seq2seq_generate(self, embeds, mask, max_new_tokens, on_token, stop_at_eos, choose) -> list[list[int]]:
+        """Greedy decoding with the encoder run once; the decoder re-reads its short answer each step."""
+        lm = self.family.causal_lm(self.base_model)
+        encoded = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        start = lm.config.decoder_start_token_id
+        dec = torch.full((embeds.shape[0], 1), start, dtype=torch.long, device=embeds.device)
+        eos = self.tokenizer.eos_token_id if stop_at_eos else -1
+        out = [[] for _ in range(embeds.shape[0])]
+        done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+        for step in range(max_new_tokens):
+            logits = lm(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
+            nxt = logits.argmax(-1) if choose is None else choose(logits)
+            for i, t in enumerate(nxt.tolist()):
+                if not done[i] and t != eos:
+                    out[i].append(t)
+            done |= nxt == eos
+            if (on_token and on_token(step, nxt.tolist())) or bool(done.all()):
+                break
+            dec = torch.cat([dec, nxt[:, None]], dim=1)
+        return out
+
+    # ---- ranking answers -----------------------------------------------------------------------
+    def answer_logprobs(self, prompts: list[list[int]], feats: torch.Tensor, answers: list[list[int]]) -> torch.Tensor:
+        """(len(prompts), len(answers)): log-likelihood of each answer's tokens after each prompt, the
+        image rows `feats` (one per prompt) filling its placeholders."""
+        device = feats.device
+        if self.seq2seq:
+            seqs = [(p, [-100] + a) for p in prompts for a in answers]
+        else:
+            seqs = [(p + a, [-100] * len(p) + a) for p in prompts for a in answers]
+        n, m = max(len(x) for x, _ in seqs), max(len(y) for _, y in seqs)
+        ids = torch.tensor([x + [0] * (n - len(x)) for x, _ in seqs], device=device)
+        labels = torch.tensor([y + [-100] * (m - len(y)) for _, y in seqs], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x, _ in seqs], device=device)
+        embeds = self.embed_with(ids, feats.repeat_interleave(len(answers), 0))
+        target = labels[:, 1:]
+        if self.seq2seq:
+            lm = self.family.causal_lm(self.base_model)
+            logits = lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=lm._shift_right(target)).logits
+        else:
+            logits = self.family.head(self.base_model)(self.hidden(embeds, mask).last_hidden_state[:, :-1])
+        logp = torch.log_softmax(logits.float(), -1)
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
+        return picked.sum(-1).view(len(prompts), len(answers))

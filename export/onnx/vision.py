@@ -172,7 +172,8 @@ def export_vision(model, path, lora_rank: int | None, lora_targets: list[str], o
             wrapper, (pixels, lora, *instruction), None, dynamo=True, opset_version=opset, verbose=False,
             input_names=[INPUT, *(i for n in names for i in lora_input_names(n)),
                          *INSTRUCTION_INPUTS[:len(instruction)]], output_names=[OUTPUT],
-            dynamic_shapes=({0: batch}, [None] * len(lora), *({0: batch, 1: tokens} for _ in instruction)),
+            dynamic_shapes=({0: batch}, [None] * len(lora),  # torch.export packs *instruction into one tuple
+                            *([({0: batch, 1: tokens},) * len(instruction)] if instruction else [])),
             external_data=False)
     graph = program.model_proto
     _name_batch_axis(graph)

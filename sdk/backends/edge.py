@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mmagent.backends import Sampling, TextStream, check_fits, check_image, finish_reason
-from mmagent.prompt import prompt_parts
+from mmagent.prompt import prompt_parts, user_text
 from mmagent.bundle import BundleError, read_manifest, verify
 
 
@@ -33,6 +33,17 @@ class ChatTemplate:
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+
+
+def qformer_tokenizer(bundle: Path, prompt: dict):
+    """InstructBLIP's Q-Former tokenizer (the `tokenizers` library, no torch), truncated as in training."""
+    if not prompt.get("qformer_tokenizer"):
+        return None
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(bundle / prompt["qformer_tokenizer"]))
+    tok.no_padding()
+    tok.enable_truncation(prompt["qformer_max_tokens"])
+    return tok
 
 
 def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
@@ -67,6 +78,7 @@ class EdgeBackend:
         self.lanes, self.lms = lanes, [self.llm, *(self.llm.lane() for _ in range(lanes - 1))]
         self.vision = VisionSession(self.bundle / m["vision"][vision], providers)
         self.prompt, self.template = m["prompt"], ChatTemplate(m["prompt"])
+        self.qformer_tokenizer = qformer_tokenizer(self.bundle, self.prompt)  # InstructBLIP's, else None
         self.adapters, self.soft_prompts, self.has, self.entries = {}, {}, {}, {}
         for name, a in m["adapters"].items():
             self._add_adapter(name, a)
@@ -112,6 +124,15 @@ class EdgeBackend:
         if "bridge" in has:
             self.vision.unload_adapter(name)
 
+    def instruction_inputs(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(Q-Former token ids, mask), right-padded, for a vision graph that reads the instruction, else None."""
+        if self.qformer_tokenizer is None:
+            return None
+        ids = [e.ids for e in self.qformer_tokenizer.encode_batch(texts)]
+        n = max(map(len, ids))
+        return (np.array([i + [0] * (n - len(i)) for i in ids], np.int64),
+                np.array([[1] * len(i) + [0] * (n - len(i)) for i in ids], np.int64))
+
     def decode(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).strip()
 
@@ -132,7 +153,8 @@ class EdgeBackend:
         check_fits(len(before) + n_soft + self.prompt["n_image_tokens"] + len(after), self.llm.n_ctx)
         check_image(image)
         bridge = adapter if adapter and "bridge" in self.has[adapter] else None
-        rows = self.vision.run(preprocess(image, self.prompt["image"]), bridge)[0]
+        said = self.instruction_inputs([user_text(instruction, text)])
+        rows = self.vision.run(preprocess(image, self.prompt["image"]), bridge, said)[0]
         if soft is not None:
             rows = np.concatenate([soft, rows])
         return [before, np.ascontiguousarray(rows, dtype=np.float32), after]

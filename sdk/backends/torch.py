@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mmagent.prompt import user_text  # what InstructBLIP's Q-Former reads
 from mmagent.adapters import Adapter, check_unique, read_adapter
 from mmagent.artifacts import ADAPTER, MODEL, RUN, kind_of, run_adapter_dirs, what_to_give
 from mmagent.backends import Sampling, TextStream, check_fits, check_image, finish_reason
@@ -77,7 +78,7 @@ class TorchBackend:
     @property
     def context_length(self) -> int:
         """Positions the LLM was built for (its max_position_embeddings)."""
-        return int(self.vlm.family.text_config(self.vlm.base_model).max_position_embeddings)
+        return self.vlm.family.context_length(self.vlm.base_model)
 
     def fresh_base(self):
         """Another copy of the base without adapters (exporters need plain modules)."""
@@ -163,7 +164,9 @@ class TorchBackend:
 
         with self.using_adapter(adapter):
             tokens = self.vlm.generate(pixels, [prompt], max_new_tokens, soft, on_token=on_token,
-                                       stop_at_eos=stop_at_eos, choose=self._chooser(sampling))[0]
+                                       stop_at_eos=stop_at_eos, choose=self._chooser(sampling),
+                                       instruction=self.vlm.instruction_inputs([user_text(instruction, text)],
+                                                                               self.device))[0]
         stream.finish()
         end = time.perf_counter()
         n = max(1, len(tokens) - 1)

@@ -26,6 +26,18 @@ class InstructBlipFamily(Blip2Family):
                                        qformer_attention_mask=mask, return_dict=True)
         return out.pooler_output
 
+    def instruction_tokenizer(self, model):
+        """The checkpoint's own Q-Former tokenizer (`<model dir>/qformer_tokenizer/`)."""
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+        folder = Path(model.name_or_path or ".") / QFORMER_TOKENIZER
+        if not (folder / "tokenizer_config.json").is_file():
+            raise ValueError(f"InstructBLIP needs its Q-Former tokenizer, and `{folder}` has none; save the "
+                             "checkpoint's processor with `InstructBlipProcessor.save_pretrained(DIR)` (it writes "
+                             f"{QFORMER_TOKENIZER}/), or copy that folder from the downloaded checkpoint")
+        return AutoTokenizer.from_pretrained(folder)
+
     def max_instruction_tokens(self, model) -> int:
         return int(model.config.qformer_config.max_position_embeddings)
 

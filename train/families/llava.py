@@ -65,5 +65,10 @@ class LlavaFamily:
     def text_config(self, model):
         return model.config.text_config
 
+    def context_length(self, model) -> int:
+        """Prompt + answer positions the LLM takes (T5's relative positions: its n_positions)."""
+        tc = self.text_config(model)
+        return int(getattr(tc, "max_position_embeddings", None) or getattr(tc, "n_positions", 512))
+
 
 FAMILY = LlavaFamily()

@@ -1,0 +1,147 @@
+"""Tiny random checkpoints of the real transformers classes, saved as the hub checkpoints are laid out.
+
+Each is an HF directory with config.json, safetensors weights, the LLM's tokenizer (SmolLM2's byte-level
+BPE, so llama.cpp tokenises it as transformers does) with an `<image>` token added as the real processors
+add it, the image processor, and the processor files (InstructBLIP's `qformer_tokenizer/` beside the LLM's).
+Shapes are tiny; the classes, file layout and token plumbing are the real ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+RECIPE = """# a few steps of a VQA adapter on a tiny checkpoint (tests only)
+[run]
+name = "{name}"
+output_dir = "{out}"
+[model]
+base = "{base}"
+[lora]
+r = 4
+alpha = 8
+llm = ["preset"]
+bridge = ["preset"]
+[data]
+train_images = 24
+eval_images = 8
+image_size = 32
+[train]
+steps = 3
+batch_size = 4
+lr = 5e-3
+warmup_steps = 1
+checkpoint_every = 0
+eval_base = false
+max_new_tokens = 4
+[[tasks]]
+name = "{name}"
+kind = "vqa"
+max_eval = 4
+"""
+
+
+def train_run(tmp: Path, base: Path, name: str, *overrides: str) -> Path:
+    """`mmagent train` on a tiny checkpoint (the CLI itself, in this process): the run directory."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    recipe = tmp / f"{name}.toml"
+    recipe.write_text(RECIPE.format(name=name, out=tmp / name, base=base))
+    result = CliRunner().invoke(app, ["train", str(recipe), *overrides])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return tmp / name
+
+IMAGE = 32  # pixels; patch 8 -> 16 patches
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              image_size=IMAGE, patch_size=8)
+QFORMER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+               encoder_hidden_size=32)
+LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512, tie_word_embeddings=False)
+QFORMER_WORDS = ("describe the image answer question with a single word or number what colour is how many "
+                 "circle circles square squares triangle triangles red green blue yellow left right top bottom "
+                 "middle small large there are shape shapes of in on a an does this caption yes no ? . ,").split()
+
+
+def llm_tokenizer():
+    """SmolLM2's tokenizer (what the builtin bases use) with the `<image>` placeholder added."""
+    from mmagent.train.builtin import smollm2_tokenizer
+    tok = smollm2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tok
+
+
+def qformer_tokenizer(folder: Path):
+    """A BERT WordPiece tokenizer like instructblip's `qformer_tokenizer/` (bert-base-uncased), tiny vocabulary."""
+    from transformers import BertTokenizerFast
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(QFORMER_WORDS),
+             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), *"abcdefghijklmnopqrstuvwxyz0123456789"]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+
+
+def image_processor(kind: str = "blip"):
+    from transformers import BlipImageProcessor, CLIPImageProcessor
+    if kind == "clip":
+        return CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    return BlipImageProcessor(size={"height": IMAGE, "width": IMAGE})
+
+
+def _save(model, tok, processor, out: Path) -> Path:
+    model.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)  # preprocessor_config.json, as hub checkpoints have it
+    processor.save_pretrained(out)  # tokenizer(s), image processor and processor config, as the hub has them
+    tok.save_pretrained(out)
+    return out
+
+
+def instructblip(out: Path, seed: int = 0) -> Path:
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaConfig
+    tok = llm_tokenizer()
+    qtok = qformer_tokenizer(out.parent / f".{out.name}-qformer-vocab")
+    torch.manual_seed(seed)
+    config = InstructBlipConfig(vision_config=VISION, qformer_config={**QFORMER, "vocab_size": qtok.vocab_size},
+                                text_config=LlamaConfig(vocab_size=len(tok), **LLAMA).to_dict(), num_query_tokens=4,
+                                image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = InstructBlipForConditionalGeneration(config)
+    processor = InstructBlipProcessor(image_processor=image_processor(), tokenizer=tok, qformer_tokenizer=qtok,
+                                      num_query_tokens=4)
+    return _save(model, tok, processor, out)
+
+
+def _blip2(out: Path, text_config, tok, seed: int) -> Path:
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    torch.manual_seed(seed)
+    config = Blip2Config(vision_config=VISION, qformer_config=QFORMER, text_config=text_config.to_dict(),
+                         num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = Blip2ForConditionalGeneration(config)
+    processor = Blip2Processor(image_processor=image_processor(), tokenizer=tok, num_query_tokens=4)
+    return _save(model, tok, processor, out)
+
+
+def plain_tokenizer():
+    """The LLM tokenizer without a chat template, as OPT's and Flan-T5's are (prompts: `Question: .. Answer:`)."""
+    tok = llm_tokenizer()
+    tok.chat_template = None
+    return tok
+
+
+def blip2_opt(out: Path, seed: int = 0) -> Path:
+    from transformers import OPTConfig
+    tok = plain_tokenizer()
+    text = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                     word_embed_proj_dim=32, max_position_embeddings=512, pad_token_id=tok.pad_token_id or 0,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return _blip2(out, text, tok, seed)
+
+
+def blip2_t5(out: Path, seed: int = 0) -> Path:
+    from transformers import T5Config
+    tok = plain_tokenizer()
+    pad = tok.pad_token_id or 0
+    text = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=pad,
+                    decoder_start_token_id=pad, eos_token_id=tok.eos_token_id)
+    return _blip2(out, text, tok, seed)
