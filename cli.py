@@ -62,6 +62,19 @@ def evaluate(run: Path = typer.Argument(..., help="run directory"),
         fail(e)
 
 
+@app.command()
+def report(runs: list[Path] = typer.Argument(..., help="run directories; several are put side by side"),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="where a comparison of several runs goes "
+                                              "(default reports/<run>-vs-<run>)")):
+    """Write a run's report again (report.md with plots, gallery.md, README.md), or compare several runs:
+    one plot per metric, one line per run."""
+    from mmagent.train.report import regenerate
+    try:
+        console.print(f"report: [bold]{regenerate(runs, out)}[/]")
+    except USER_ERRORS as e:
+        fail(e)
+
+
 @data_app.command("shapes")
 def data_shapes(out: Path = typer.Argument(..., help="folder to write"),
                 train_images: int = 2000, eval_images: int = 200, seed: int = 0, image_size: int = 64):

@@ -17,6 +17,7 @@ from mmagent.adapters import lora_modules
 from mmagent.artifacts import BUNDLE, BUNDLE_ADAPTER_FILES, MANIFEST, RUN, kind_of
 from mmagent.bundle import SCHEMA
 from mmagent.files import atomic_dir, atomic_write_json, sha256_file
+from mmagent.train.card import write_bundle_card
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBLIP's, in the bundle as in its checkpoint
@@ -89,6 +90,7 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
             manifest["selfcheck"] = self_check(backend, tmp, manifest)
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         atomic_write_json(tmp / "manifest.json", manifest)
+        write_bundle_card(tmp, manifest, runs, out)  # README.md: the model card, self-check figures included
     say(f"bundle written to [bold]{out}[/] in {manifest['export_seconds']} s")
     return manifest
 

@@ -145,8 +145,9 @@ def evaluate_task(vlm, task, records: list[dict], soft_prompt, max_new_tokens: i
     metrics["n"] = len(ok)
     metrics["unreadable_images"] = len(records) - len(ok)
     metrics["examples"] = [{"input": records[i]["input"], "prediction": predictions["right"][i],
-                            "shuffled_image": predictions["shuffled"][i], "reference": records[i]["output"]}
-                           for i in ok[:5]]
+                            "shuffled_image": predictions["shuffled"][i], "reference": records[i]["output"],
+                            "image": records[i]["image_path"], "references": records[i]["references"]}
+                           for i in ok[:5]]  # the report's gallery shows these
     return metrics
 
 

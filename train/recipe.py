@@ -112,6 +112,13 @@ class TrainSection:
 
 
 @dataclass
+class LogSection:
+    tensorboard: bool = doc("also write the run's scalars (loss per task, learning rate, evaluation with its "
+                            "controls) as TensorBoard event files in the run directory, as training goes: "
+                            "`tensorboard --logdir runs/`; needs `pip install 'mmagent[tensorboard]'`", False)
+
+
+@dataclass
 class Recipe:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -119,6 +126,7 @@ class Recipe:
     soft_prompt: SoftPromptSection = field(default_factory=SoftPromptSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
     tasks: list[TaskSection] = field(default_factory=list)
     source: str = "<recipe>"
 

@@ -1,24 +1,13 @@
 """The run report: report.md with every score beside its controls (shuffled and blank image), the base and
-the baselines, per answer type, and an SVG loss curve."""
+the baselines, per answer type; the plots of mmagent.train.plots embedded; a gallery of held-out examples
+(gallery.md); the model card (README.md, mmagent.train.card). `mmagent report RUN [RUN...]` regenerates it,
+or puts several runs side by side."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from mmagent.files import atomic_write_bytes
-
-
-def loss_svg(points: list[tuple[int, float]], width: int = 480, height: int = 200) -> str:
-    if len(points) < 2:
-        return ""
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys) or 1.0
-    def sx(x): return 40 + (x - x0) / max(1, x1 - x0) * (width - 50)
-    def sy(y): return height - 20 - (y - y0) / max(1e-9, y1 - y0) * (height - 40)
-    line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
-            f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{line}"/>'
-            f'<text x="40" y="14" font-size="12">training loss {y1:.3f} to {ys[-1]:.3f} over {x1} steps</text></svg>')
 
 
 def primary(metrics: dict) -> tuple[str, float]:
@@ -99,17 +88,136 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_report(run_dir: Path, results: dict) -> None:
-    lines = ["# Run report", "", "| " + " | ".join(SCORE_COLUMNS) + " |", "|---" * len(SCORE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in score_rows(results)]
+    """report.md, its plots (plots/*.png, .svg and the .json each was drawn from), gallery.md and README.md."""
+    from mmagent.train.card import write_run_card
+    from mmagent.train.plots import run_figures
+    run_dir = Path(run_dir)
+    figures = draw_all(run_figures(read_metrics(run_dir / "metrics.jsonl"), results), run_dir)
+    lines = [f"# Run report: {run_dir.name}", "", *markdown_scores(results)]
     lines += ["", LEGEND + " Base: " + results.get("base_protocol", "not evaluated") + "."]
+    lines += figure_lines(figures, ("loss", "eval_", "lr"), "## Curves")
     lines += detail_lines(results)
+    lines += figure_lines(figures, ("types_",), "")
+    gallery = write_gallery(run_dir, results)
+    if gallery:
+        lines += ["", f"Held-out examples with what the adapter generated: [{gallery.name}]({gallery.name})"]
     n_bad = sum(m.get("unreadable_images", 0) for section in ("adapter", "adapter_compositional")
                 for m in results.get(section, {}).values())
     lines += ["", f"Unreadable held-out images (not scored): {n_bad}"]
-    points = [(e["step"], e["loss"]) for e in read_metrics(run_dir / "metrics.jsonl") if "loss" in e]
-    svg = loss_svg(points)
-    if svg:
-        atomic_write_bytes(run_dir / "loss.svg", svg.encode())
-        lines += ["", "![loss](loss.svg)"]
     lines += ["", f"Unreadable training images skipped: {results.get('skipped_images', 0)}", ""]
     atomic_write_bytes(run_dir / "report.md", "\n".join(lines).encode())
+    write_run_card(run_dir, results)
+
+
+def markdown_scores(results: dict) -> list[str]:
+    lines = ["| " + " | ".join(SCORE_COLUMNS) + " |", "|---" * len(SCORE_COLUMNS) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in score_rows(results)]
+
+
+def draw_all(specs: dict[str, dict], root: Path) -> dict[str, dict]:
+    from mmagent.train.plots import draw
+    for name, spec in specs.items():
+        draw(spec, root / "plots" / name)
+    return specs
+
+
+def figure_lines(specs: dict[str, dict], prefixes: tuple[str, ...], heading: str) -> list[str]:
+    """Markdown embedding the figures (plots/<name>.png) whose names start with one of `prefixes`."""
+    chosen = [(n, spec) for prefix in prefixes for n, spec in specs.items() if n.startswith(prefix)]
+    lines = ["", heading] if heading and chosen else []
+    for name, spec in chosen:
+        lines += ["", f"![{spec['title']}](plots/{name}.png)"]
+    return lines
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _references(refs: list[str]) -> str:
+    """Distinct references, most frequent first, with their count when one repeats (VQA's ten answers)."""
+    from collections import Counter
+    return "<br>".join(f"{r} (x{n})" if n > 1 else r for r, n in Counter(refs).most_common())
+
+
+def write_gallery(run_dir: Path, results: dict, thumb: int = 160) -> Path | None:
+    """gallery.md: each task's held-out examples (results' `examples`) with the image, what the adapter
+    generated, what it generated for a shuffled image and the references; images copied as thumbnails
+    into gallery/ so the page opens anywhere."""
+    from PIL import Image
+    tasks = {t: m["examples"] for t, m in results.get("adapter", {}).items()
+             if any("image" in e for e in m.get("examples", []))}
+    if not tasks:
+        return None
+    lines = ["# Held-out examples", "", "What the adapter generated for held-out images it never trained on, with "
+             "what it generated for another held-out image (shuffled) and the references.", ""]
+    for task, examples in tasks.items():
+        lines += [f"## {task}", "", "| image | input | generated | with a shuffled image | references |",
+                  "|---|---|---|---|---|"]
+        for i, e in enumerate(examples):
+            name = f"gallery/{task}-{i}.png"
+            try:
+                with Image.open(e["image"]) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((thumb, thumb))
+                    (run_dir / "gallery").mkdir(exist_ok=True)
+                    im.save(run_dir / name)
+                image = f'<img src="{name}" width="{thumb}">'
+            except (OSError, KeyError):
+                image = f"(not found: {_cell(e.get('image', '?'))})"
+            lines.append(f"| {image} | {_cell(e['input'])} | {_cell(e['prediction'])} | {_cell(e['shuffled_image'])} | "
+                         f"{_references(e.get('references') or [e['reference']])} |")
+        lines.append("")
+    atomic_write_bytes(run_dir / "gallery.md", "\n".join(lines).encode())
+    return run_dir / "gallery.md"
+
+
+# ---- `mmagent report` ----------------------------------------------------------------------------
+def read_results(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory `{run_dir}` does not exist; give the folder `mmagent train` wrote "
+                                "(runs/<name>)")
+    if not path.is_file():
+        raise FileNotFoundError(f"`{path}` is missing: `{run_dir}` is not a finished run (training writes "
+                                "results.json at its end); finish it with `mmagent train RECIPE --resume`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"`{path}` is not valid JSON ({e}); evaluate the run again with `mmagent eval "
+                         f"{run_dir}`, or train it again") from e
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run by its folder name, or by its path where two share a name."""
+    names = [Path(r).name for r in run_dirs]
+    return [n if names.count(n) == 1 else str(r) for n, r in zip(names, run_dirs)]
+
+
+def regenerate(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """One run: its report.md (plots, gallery, card) again, from its files. Several: a comparison in `out`
+    (report.md and plots/: one plot per metric, one line per run); returns the report written."""
+    run_dirs = [Path(r) for r in run_dirs]
+    results = [read_results(r) for r in run_dirs]
+    if len(run_dirs) == 1:
+        write_report(run_dirs[0], results[0])
+        return run_dirs[0] / "report.md"
+    if out is None:
+        out = Path("reports") / "-vs-".join(r.name for r in run_dirs)
+    return write_comparison(dict(zip(run_labels(run_dirs), zip(run_dirs, results))), Path(out))
+
+
+def write_comparison(runs: dict[str, tuple[Path, dict]], out: Path) -> Path:
+    from mmagent.train.plots import compare_figures
+    data = {label: (read_metrics(d / "metrics.jsonl"), results) for label, (d, results) in runs.items()}
+    figures = draw_all(compare_figures(data), out)
+    lines = [f"# {len(runs)} runs side by side", ""]
+    lines += [f"- `{label}`: {d}" for label, (d, _) in runs.items()]
+    lines += ["", "| run " + " ".join(f"| {c} " for c in SCORE_COLUMNS) + "|", "|---" * (len(SCORE_COLUMNS) + 1) + "|"]
+    for label, (_, results) in runs.items():
+        lines += ["| " + " | ".join((label, *row)) + " |" for row in score_rows(results)]
+    lines += ["", LEGEND]
+    lines += figure_lines(figures, ("loss", "eval_", "lr"), "## Curves (one line per run)")
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
+    return out / "report.md"

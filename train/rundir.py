@@ -35,6 +35,7 @@ RESUMABLE = {
     "train.eval_base": "whether the base is evaluated at the end",
     "train.baselines": "the baselines trained after the run",
     "run.output_dir": "the run directory itself, however it is spelled",
+    "log.tensorboard": "whether scalars also go to TensorBoard",
 }
 
 

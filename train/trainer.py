@@ -29,6 +29,7 @@ from mmagent.train.families import expand_presets
 from mmagent.train.families import expand_presets
 from mmagent.train.recipe import Recipe
 from mmagent.train.report import read_metrics, write_report
+from mmagent.train.tensorboard_log import TensorBoardLog, require_tensorboard
 from mmagent.train.rundir import RunLock, TrainingInterrupted, check_fresh, check_resume
 from mmagent.train.vlm import VLM
 
@@ -46,6 +47,17 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def add_task_losses(sums: dict, tokens: torch.Tensor, batch: dict) -> None:
+    """Add each task's answer-token losses (sum, count) from one micro-batch: rows of the batch are
+    examples, `tokens` their answer tokens in row order (VLM.loss with reduction="none")."""
+    rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+    per_row = torch.zeros(len(batch["tasks"]), device=tokens.device).index_add_(0, rows, tokens.float())
+    counts = torch.bincount(rows, minlength=len(batch["tasks"]))
+    for task, s, n in zip(batch["tasks"], per_row.tolist(), counts.tolist()):
+        old = sums.get(task, (0.0, 0))
+        sums[task] = (old[0] + s, old[1] + n)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, resume: bool = False, console: Console | None = None,
                  evaluate_only: bool = False):
@@ -56,6 +68,8 @@ class Trainer:
         self.skipped: list[str] = []  # one message per distinct unreadable image
         self.lock: RunLock | None = None
         self.stop_signal: int | None = None
+        self.board = None  # TensorBoard event files ([log] tensorboard), opened by setup
+        self.task_loss: dict[str, float] = {}  # the last step's loss per task
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -69,6 +83,9 @@ class Trainer:
     def _setup(self) -> None:
         r = self.recipe
         torch.manual_seed(r.run.seed)
+        tensorboard = r.log.tensorboard and not self.evaluate_only
+        if tensorboard:
+            require_tensorboard()  # missing: refused before any data or base work
         self._setup_data()
         model, tokenizer, image_processor, self.base = self._load_base()
         self.vlm = VLM(model, tokenizer, image_processor, r.model.system)
@@ -83,6 +100,7 @@ class Trainer:
         self.step, self.position = 0, 0
         if self.resume:
             self._resume()
+        self.board = TensorBoardLog(self.run_dir, self.step) if tensorboard else None
         if not self.evaluate_only:  # recipe.json says what this run trains with, from its start
             atomic_write_json(self.run_dir / "recipe.json", r.to_dict())
         self._print_trainable()
@@ -149,6 +167,9 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the run directory (its lock); finish() and run() do this."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -225,7 +246,7 @@ class Trainer:
     def next_batch(self, stream) -> dict:
         t = self.recipe.train
         n_soft = self.recipe.soft_prompt.tokens
-        encoded, images = [], []
+        encoded, images, tasks = [], [], []
         failures_in_a_row = 0
         while len(images) < t.batch_size:
             k, rec = next(stream)
@@ -242,7 +263,8 @@ class Trainer:
                                     "check the image folder before training") from e
                 continue
             encoded.append(self.vlm.encode(rec["instruction"], rec["input"], rec["output"], n_soft))
-        return self.collate(encoded, images)
+            tasks.append(self.mixture.task_of(k))
+        return {**self.collate(encoded, images), "tasks": tasks}
 
     def collate(self, encoded, images) -> dict:
         n = max(len(e.input_ids) for e in encoded)
@@ -259,14 +281,17 @@ class Trainer:
 
     def train_step(self, stream) -> float:
         t = self.recipe.train
-        total = 0.0
+        total, per_task = 0.0, {}
         for _ in range(t.grad_accum):
             batch = self.next_batch(stream)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 sp = self.soft_prompt() if self.soft_prompt is not None else None
-                loss = self.vlm.loss(batch, sp, self.loss_vocab) / t.grad_accum
+                tokens = self.vlm.loss(batch, sp, self.loss_vocab, reduction="none")
+                loss = tokens.mean() / t.grad_accum
             loss.backward()
             total += loss.item()
+            add_task_losses(per_task, tokens.detach(), batch)
+        self.task_loss = {task: s / n for task, (s, n) in sorted(per_task.items()) if n}
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
         self.optimizer.step()
         self.scheduler.step()
@@ -292,7 +317,8 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 progress.update(bar, completed=self.step, loss=loss, lr=lr, sps=sps)
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    self._log({"step": self.step, "loss": loss, "lr": lr, "samples_per_s": sps})
+                    self._log({"step": self.step, "loss": loss, "lr": lr, "samples_per_s": sps,
+                               "task_loss": self.task_loss})
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save_checkpoint()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
@@ -374,6 +400,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+        if self.board is not None:
+            self.board.log(entry)
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -392,6 +420,9 @@ class Trainer:
         results["base_stage1"] = self.base_stage1_results()
         results["skipped_images"] = len(self.skipped)  # distinct images
         results["steps"] = self.step  # what --resume calls finished (mmagent.train.rundir)
+        results["trainable"] = {name: [n, total] for name, n, total in
+                                ad.trainable_table(self.vlm.model, self.vlm.family, self.soft_prompt)}
+        self._log({"step": self.step, "eval": results["adapter"]})  # the evaluation curve's last point
         meta = {"task": r.adapter_name, "tasks": [t.name for t in r.tasks], "base_ref": self.base.ref,
                 "kinds": sorted({t.kind for t in r.tasks}),
                 "instructions": {t.kind: t.instruction or default_instruction(t.kind) for t in r.tasks},

@@ -38,6 +38,10 @@ class TaskMixture:
             yield k, self.records[task][self._permutation(task, epoch)[pos]]
             k += 1
 
+    def task_of(self, k: int) -> str:
+        """The task example k of the stream is drawn from (a record's own `task` field may name another)."""
+        return self._draw(k)
+
     def _draw(self, i: int) -> str:
         if len(self.names) == 1:
             return self.names[0]
