@@ -127,7 +127,7 @@ def data_prepare(out: Path = typer.Argument(..., help="JSONL file to write"),
 @base_app.command("build")
 def base_build(name: str = typer.Argument("tiny", help="tiny | smol")):
     """Build (or find cached) builtin:NAME from recipes/align.toml."""
-    from mmagent.train.builtin import ensure_builtin
+    from mmagent.train.build import ensure_builtin
     try:
         console.print(f"builtin:{name} -> {ensure_builtin(name)}")
     except USER_ERRORS as e:

@@ -36,10 +36,13 @@ CONFIGS = {
 def one_run(overrides: list[str], out: str) -> None:
     """In the child: train and evaluate, then write results, trainable parameters, peak RSS and time."""
     from rich.console import Console
+    from mmagent.train.build import ensure_base
     from mmagent.train.recipe import load_recipe
     from mmagent.train.trainer import Trainer
     start = time.perf_counter()
-    trainer = Trainer(load_recipe(ROOT / "recipes/vqa.toml", overrides), console=Console(quiet=True))
+    recipe = load_recipe(ROOT / "recipes/vqa.toml", overrides)
+    ensure_base(recipe.model.base)
+    trainer = Trainer(recipe, console=Console(quiet=True))
     try:
         trainer.setup()
         trainer.eval_records.pop("comp", None)  # the held-out split is the comparison here; halves the time

@@ -21,6 +21,7 @@ from mmagent.train.card import write_bundle_card
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBLIP's, in the bundle as in its checkpoint
+QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBLIP's, in the bundle as in its checkpoint
 
 
 class ExportError(ValueError):
@@ -62,6 +63,9 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
     # adapter name -> (LLM LoRA tensors, image-path LoRA tensors), from the records the backend read once
     lora = {n: split_parts(a.lora, backend.vlm.family) for n, a in backend.adapters.items()}
     check_carried(backend, lora, gguf, onnx, merged)
+    if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
+        from mmagent.export.gguf.writer import check_llama_cpp_support
+        check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
     if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
         from mmagent.export.gguf.writer import check_llama_cpp_support
         check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
@@ -116,7 +120,11 @@ def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dic
     family = backend.vlm.family
     causal_lm = family.causal_lm(base)
     say("GGUF: LLM f16 ...")
-    write_llm_gguf(causal_lm, backend.vlm.tokenizer, tmp / "llm.f16.gguf", backend.vlm.tokenizer.chat_template)
+    template = backend.vlm.tokenizer.chat_template
+    if family.name == "llava":  # stock llama.cpp's multimodal clients send list contents to the GGUF's template
+        from mmagent.export.gguf.mmproj import list_content_template
+        template = list_content_template(template)
+    write_llm_gguf(causal_lm, backend.vlm.tokenizer, tmp / "llm.f16.gguf", template)
     manifest["llm"]["f16"] = "llm.f16.gguf"
     for q in quants:
         if q != "f16":
@@ -124,6 +132,8 @@ def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dic
             run_isolated(f"quantising the LLM to {q} with llama.cpp", tmp / "llm.f16.gguf", quantize,
                          tmp / "llm.f16.gguf", tmp / f"llm.{q}.gguf", q, hint=crash_hint())
             manifest["llm"][q] = f"llm.{q}.gguf"
+    if family.name == "llava":  # stock llama.cpp's multimodal tools read the image path from an mmproj GGUF
+        write_mmproj_parts(backend, base, lora, tmp, manifest, say)
     prefix = family.gguf_prefix()
     for name, (llm_part, _) in lora.items():
         if llm_part:
@@ -132,9 +142,35 @@ def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dic
                             config=causal_lm.config, prefix=prefix)
 
 
+def _alpha_rank(backend, name: str) -> tuple[float, int]:
+    record = getattr(backend.adapters[name], "lora", None)
+    if record is not None:
+        return record.alpha, record.r
+    cfg = backend.vlm.model.peft_config[name]
+    return cfg.lora_alpha, cfg.r
+
+
+def write_mmproj_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) -> None:
+    """LLaVA for stock llama.cpp: `mmproj.f16.gguf` (the base image path) and, per adapter with projector or
+    vision LoRA, `adapters/<name>/mmproj.gguf` with it merged (stock llama.cpp cannot switch those)."""
+    from mmagent.export.gguf.mmproj import lora_deltas, write_mmproj
+    say("GGUF: mmproj (CLIP + projector) for llama.cpp's multimodal tools ...")
+    processor = backend.vlm.image_processor
+    write_mmproj(base, processor, tmp / "mmproj.f16.gguf")
+    manifest["mmproj"] = {"base": "mmproj.f16.gguf", "adapters": {}}
+    for name, (_, image_part) in lora.items():
+        if image_part:
+            (tmp / "adapters" / name).mkdir(parents=True, exist_ok=True)
+            write_mmproj(base, processor, tmp / "adapters" / name / "mmproj.gguf",
+                         lora_deltas(image_part, *_alpha_rank(backend, name)), name=f"mmproj-{name}")
+            manifest["mmproj"]["adapters"][name] = f"adapters/{name}/mmproj.gguf"
+
+
 def write_onnx_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) -> None:
     from mmagent.export.onnx.vision import export_vision, optimize, write_adapter
-    states = {n: image_part for n, (_, image_part) in lora.items()}
+    unused = backend.vlm.family.unused_modules(backend.vlm.base_model)  # LoRA there cannot change the output
+    states = {n: {k: v for k, v in image_part.items() if not k.removeprefix("base_model.model.").startswith(unused)}
+              for n, (_, image_part) in lora.items()}
     modules = lora_modules(k for s in states.values() for k in s)
     ranks = [backend.adapters[n].lora.r for n, s in states.items() if s]
     say(f"ONNX: vision + bridge with LoRA inputs on {len(modules)} modules ...")
@@ -183,6 +219,8 @@ def write_merged(backend, tmp: Path, manifest: dict, say) -> None:
 def write_tokenizer(backend, tmp: Path) -> None:
     backend.vlm.tokenizer.save_pretrained(tmp / "tokenizer")
     backend.vlm.image_processor.save_pretrained(tmp / "tokenizer")
+    if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP: the edge backend tokenises the instruction
+        backend.vlm.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER)
     if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP: the edge backend tokenises the instruction
         backend.vlm.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER)
 

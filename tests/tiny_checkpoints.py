@@ -145,3 +145,19 @@ def blip2_t5(out: Path, seed: int = 0) -> Path:
                     feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=pad,
                     decoder_start_token_id=pad, eos_token_id=tok.eos_token_id)
     return _blip2(out, text, tok, seed)
+
+
+def llava(out: Path, seed: int = 0) -> Path:
+    """llava-hf/llava-1.5's layout: CLIP ViT (quick_gelu, features of the second-last layer, CLS dropped),
+    a GELU MLP projector, a LLaMA LLM; LlavaProcessor expands `<image>` to one token per patch."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    tok = llm_tokenizer()
+    torch.manual_seed(seed)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION, projection_dim=32, hidden_act="quick_gelu").to_dict(),
+                         text_config=LlamaConfig(vocab_size=len(tok), **LLAMA).to_dict(),
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(image_processor=image_processor("clip"), tokenizer=tok, patch_size=VISION["patch_size"],
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return _save(model, tok, processor, out)

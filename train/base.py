@@ -43,11 +43,12 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve(ref: str, cache_dir: str | Path | None = None, quiet: bool = False) -> Base:
-    """Return the local directory of a base, building a builtin one on first use."""
+def resolve(ref: str, cache_dir: str | Path | None = None) -> Base:
+    """The local directory of a base. A builtin one must be built already (mmagent.train.build builds it):
+    resolving never trains."""
     if ref.startswith("builtin:"):
-        from mmagent.train.builtin import ensure_builtin
-        path = ensure_builtin(ref.removeprefix("builtin:"), cache_dir, quiet=quiet)
+        from mmagent.train.builtin import find_builtin
+        path = find_builtin(ref.removeprefix("builtin:"), cache_dir)
     elif Path(ref).expanduser().is_dir():
         path = Path(ref).expanduser()
         if not (path / "config.json").exists():

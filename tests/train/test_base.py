@@ -30,6 +30,16 @@ def test_unknown_builtin_lists_the_known_ones():
         resolve("builtin:huge")
 
 
+def test_resolving_an_unbuilt_builtin_base_never_trains(tmp_path):
+    """Building a base sits above the trainer: resolving one imports no training code and says how to build."""
+    code = ("import sys\nfrom mmagent.train.base import BaseError, resolve\ntry:\n"
+            f"    resolve('builtin:tiny', cache_dir={str(tmp_path)!r})\nexcept BaseError as e:\n    print(e)\n"
+            "print(sorted(m for m in sys.modules if m in ('mmagent.train.trainer', 'mmagent.train.build')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "is not built yet" in out.stdout and "mmagent base build tiny" in out.stdout, out.stdout + out.stderr
+    assert out.stdout.strip().endswith("[]") and not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
 def test_cli_help_does_not_import_torch():
     """`mmagent --help` stays fast because no command's heavy imports run before it is chosen."""
     code = (f"import runpy, sys\nsys.argv = ['mmagent', '--help']\ntry:\n    runpy.run_path({str(ROOT / 'cli.py')!r}, "

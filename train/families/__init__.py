@@ -42,6 +42,9 @@ class Family(Protocol):
     def image_features(self, model, pixel_values: torch.Tensor, instruction=None) -> torch.Tensor:
         """(B, n_image_tokens, llm_hidden): what the LLM sees in place of the image. `instruction`:
         (qformer_input_ids, qformer_attention_mask) for families that read it, else None."""
+    def unused_modules(self, model) -> tuple[str, ...]:
+        """Module-name prefixes (ending in '.') whose output never reaches the LLM (LLaVA's ViT layers after
+        the feature layer): LoRA there changes nothing, so exporters leave it out."""
     def decoder(self, model) -> torch.nn.Module:
         """The decoder-only LLM stack without its head (inputs_embeds -> last_hidden_state)."""
     def head(self, model) -> torch.nn.Module: ...

@@ -33,6 +33,9 @@ class Blip2Family:
     def image_features(self, model, pixel_values: torch.Tensor, instruction=None) -> torch.Tensor:
         return model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
 
+    def unused_modules(self, model) -> tuple[str, ...]:
+        return ()  # the Q-Former reads the ViT's last layer; every module reaches the LLM
+
     def encoder_decoder(self, model) -> bool:
         return bool(getattr(self.text_config(model), "is_encoder_decoder", False))
 

@@ -25,11 +25,29 @@ class LlavaFamily:
         return dict(self.parts.presets)
 
     def image_features(self, model, pixel_values: torch.Tensor, instruction=None) -> torch.Tensor:
-        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        return torch.stack(list(out.pooler_output))
+        """transformers' get_image_features as one batched tensor (it returns a list per image, which would
+        fix the batch size of an exported graph): the chosen ViT layer, CLS dropped, then the projector."""
+        cfg = model.config
+        if not isinstance(cfg.vision_feature_layer, int):  # several layers concatenated: transformers' own path
+            out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            return torch.stack(list(out.pooler_output))
+        hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        feats = hidden[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return model.model.multi_modal_projector(feats)
 
     def encoder_decoder(self, model) -> bool:
         return False
+
+    def unused_modules(self, model) -> tuple[str, ...]:
+        """Module prefixes (ending in '.') after the feature layer: nothing there reaches the LLM."""
+        vc, layer = model.config.vision_config, model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            return ()
+        first = layer if layer >= 0 else vc.num_hidden_layers + 1 + layer
+        return (f"{self.parts.vision}.post_layernorm.",
+                *(f"{self.parts.vision}.encoder.layers.{i}." for i in range(first, vc.num_hidden_layers)))
 
     def decoder(self, model) -> torch.nn.Module:
         return model.model.language_model
