@@ -106,6 +106,7 @@ def prompt_info(backend) -> dict:
     return {"system": vlm.system, "chat_template": vlm.tokenizer.chat_template,
             "image_token": vlm.tokenizer.convert_ids_to_tokens(vlm.family.image_token_id(model)),
             "n_image_tokens": vlm.family.n_image_tokens(model), "eos_token_id": vlm.tokenizer.eos_token_id,
+            "stop_ids": [vlm.tokenizer.eos_token_id],  # where torch's decoding ends; the edge backend ends there too
             "bos_token": vlm.tokenizer.bos_token, "eos_token": vlm.tokenizer.eos_token,
             "image": {"size": vlm.family.image_size(model), "mean": list(processor.image_mean),
                       "std": list(processor.image_std), "resample": int(getattr(processor, "resample", 3))},

@@ -37,6 +37,13 @@ def user_text(instruction: str, input: str = "") -> str:
     return instruction + (("\n" + input) if input else "")
 
 
+def stop_ids(prompt: dict) -> frozenset[int] | None:
+    """The token ids an answer ends at, as a bundle's manifest records them (`prompt.stop_ids`, written from
+    the tokenizer torch decodes with); None for a manifest without them (llama.cpp's own set then)."""
+    ids = prompt.get("stop_ids", [prompt["eos_token_id"]] if prompt.get("eos_token_id") is not None else None)
+    return frozenset(ids) if ids is not None else None
+
+
 def chat_prompt(tokenizer, system: str, placeholder: str, instruction: str, input: str = "", history=()) -> str:
     """The one prompt layout: system, then the image placeholders at the start of the first user turn.
     `tokenizer` is anything with `chat_template` and `apply_chat_template` (a HF tokenizer, the edge

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mmagent.backends import Sampling, TextStream, check_fits, check_image, finish_reason
-from mmagent.prompt import prompt_parts, user_text
+from mmagent.prompt import prompt_parts, stop_ids, user_text
 from mmagent.bundle import BundleError, read_manifest, verify
 
 
@@ -78,6 +78,7 @@ class EdgeBackend:
         self.lanes, self.lms = lanes, [self.llm, *(self.llm.lane() for _ in range(lanes - 1))]
         self.vision = VisionSession(self.bundle / m["vision"][vision], providers)
         self.prompt, self.template = m["prompt"], ChatTemplate(m["prompt"])
+        self.stop_ids = stop_ids(self.prompt)  # torch's end tokens, not llama.cpp's wider end-of-generation set
         self.qformer_tokenizer = qformer_tokenizer(self.bundle, self.prompt)  # InstructBLIP's, else None
         self.adapters, self.soft_prompts, self.has, self.entries = {}, {}, {}, {}
         for name, a in m["adapters"].items():
@@ -176,7 +177,7 @@ class EdgeBackend:
 
         n_prompt = sum(len(s) for s in segments)
         max_new_tokens = min(max_new_tokens, lm.n_ctx - n_prompt)
-        tokens = lm.generate(segments, max_new_tokens, on_token, stop_at_eos, sampling.chooser())
+        tokens = lm.generate(segments, max_new_tokens, on_token, stop_at_eos, sampling.chooser(), self.stop_ids)
         stream.finish()
         end = time.perf_counter()
         start = first[0] if first else end

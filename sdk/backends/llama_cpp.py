@@ -371,17 +371,18 @@ class LlamaCppLM:
 
     def generate(self, segments: Sequence[Segment], max_new_tokens: int,
                  on_token: Callable[[int], bool | None] | None = None, stop_at_eos: bool = True,
-                 choose: Callable[[np.ndarray], int] | None = None) -> list[int]:
+                 choose: Callable[[np.ndarray], int] | None = None, stop_ids=None) -> list[int]:
         """Feed `segments` in order from an empty cache, then decode until an end token, `max_new_tokens`
         or `on_token` returning True. `choose` picks a token from the logits (default: greedy). The end
-        token is not returned. `stop_at_eos=False` decodes exactly `max_new_tokens` (benchmarks)."""
+        token (one of `stop_ids`; None: llama.cpp's end-of-generation set) is not returned.
+        `stop_at_eos=False` decodes exactly `max_new_tokens` (benchmarks)."""
         self._feed(segments)
         out: list[int] = []
         max_new_tokens = min(max_new_tokens, self.n_ctx - self._n_past)  # stop at the context's end
         while len(out) < max_new_tokens:
             logits = self._last_logits()
             token = int(np.argmax(logits)) if choose is None else choose(logits)
-            if stop_at_eos and llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            if stop_at_eos and (token in stop_ids if stop_ids is not None else self.is_end(token)):
                 break
             out.append(token)
             if on_token is not None and on_token(token):
@@ -389,6 +390,11 @@ class LlamaCppLM:
             if len(out) < max_new_tokens:
                 self._decode_tokens([token])
         return out
+
+    def is_end(self, token: int) -> bool:
+        """llama.cpp's own end-of-generation set (EOS, EOT and more, e.g. SmolLM2's <|endoftext|> and
+        <reponame>); a bundle names the ids torch stops at instead (`stop_ids`), so both stop alike."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # ---- lifetime -------------------------------------------------------------------------------------------
 

@@ -292,3 +292,15 @@ def test_opt_export_is_refused_before_writing(tokenizer, tmp_path):
         write_llm_gguf(opt, tokenizer, tmp_path / "opt.gguf")
     assert not list(tmp_path.iterdir())
     assert llama_cpp_supports(tiny_llama_config())
+
+
+def test_generation_ends_at_the_given_end_tokens_not_llama_cpps_wider_set(runtime, tokenizer):
+    """A bundle names the ids torch stops at (its tokenizer's eos); llama.cpp's own end-of-generation set is
+    wider for SmolLM2's vocabulary (<|endoftext|>, <reponame>), so the edge backend passes the bundle's."""
+    eog = {t for t in range(runtime.n_vocab) if runtime.is_end(t)}
+    assert tokenizer.eos_token_id in eog and len(eog) > 1  # the two rules differ on this vocabulary
+    prompt = [tokenizer("The answer is", add_special_tokens=False).input_ids]
+    free = runtime.generate(prompt, 8, stop_at_eos=False)
+    cut = free[3]
+    assert runtime.generate(prompt, 8, stop_ids={cut}) == free[:free.index(cut)]  # ends before it, not returned
+    assert runtime.generate(prompt, 8, stop_ids=set()) == free  # nothing ends it early
