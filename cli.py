@@ -36,11 +36,16 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileE
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="recipe TOML, e.g. recipes/vqa.toml"),
           overrides: Optional[list[str]] = typer.Argument(None, help="key=value, e.g. train.steps=50"),
-          resume: bool = typer.Option(False, "--resume", help="continue from the run's latest checkpoint")):
+          resume: bool = typer.Option(False, "--resume", help="continue from the run's latest checkpoint"),
+          gpus: int = typer.Option(1, "--gpus", min=1, help="train on N GPUs of this machine (DDP through "
+                                   "accelerate; without GPUs, N CPU processes on gloo); the same recipe and "
+                                   "steps on any N")):
     """Train a task adapter (or, with train.method=full, a base) from a recipe."""
     from mmagent.train.recipe import load_recipe
     from mmagent.train.run import run_recipe
     from mmagent.train.rundir import TrainingInterrupted
+    if gpus > 1:
+        _launch_processes(gpus, recipe, overrides or [], resume)
     try:
         run_recipe(load_recipe(recipe, overrides or []), resume, console)
     except USER_ERRORS as e:
@@ -49,6 +54,19 @@ def train(recipe: Path = typer.Argument(..., help="recipe TOML, e.g. recipes/vqa
         from rich.markup import escape
         err.print(f"[bold yellow]stopped:[/] {escape(str(e))}")
         raise typer.Exit(e.exit_code)
+
+
+def _launch_processes(gpus: int, recipe: Path, overrides: list[str], resume: bool) -> None:
+    """`--gpus N`: check the recipe here (one error, not N), then run N training processes."""
+    from mmagent.train.distributed import launch
+    from mmagent.train.recipe import load_recipe
+    try:
+        from mmagent.train.build import ensure_base
+        ensure_base(load_recipe(recipe, overrides).model.base, quiet=console.quiet)  # once, before the ranks start
+        code = launch(gpus, ["train", str(recipe), *overrides, *(["--resume"] if resume else [])])
+    except USER_ERRORS as e:
+        fail(e)
+    raise typer.Exit(code)
 
 
 @app.command("eval")

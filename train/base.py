@@ -73,12 +73,16 @@ def _from_hub(ref: str) -> Path:
                         "and set `model.base = \"DIR\"`") from e
 
 
-def load(base: Base, dtype=None):
-    """(model, tokenizer, image_processor) from a resolved base."""
+def load(base: Base, dtype=None, attention: str | None = None, device=None):
+    """(model, tokenizer, image_processor) from a resolved base. `attention`: transformers'
+    attn_implementation (sdpa, eager); `device`: load the weights straight onto it (a CUDA device)."""
     import torch
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     config = AutoConfig.from_pretrained(base.path)
-    model = AutoModelForImageTextToText.from_pretrained(base.path, config=config, dtype=dtype or torch.float32)
+    kw = {"attn_implementation": attention} if attention else {}
+    if device is not None and torch.device(device).type == "cuda":
+        kw["device_map"] = {"": str(device)}
+    model = AutoModelForImageTextToText.from_pretrained(base.path, config=config, dtype=dtype or torch.float32, **kw)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     image_processor = AutoImageProcessor.from_pretrained(base.path)
     return model.eval(), tokenizer, image_processor

@@ -95,7 +95,8 @@ class TrainSection:
     method: str = doc("lora (adapters on a frozen base) | full (train `parts` fully; writes a base)", "lora")
     parts: list[str] = doc("with method=full: which of vision, bridge, llm train", factory=lambda: ["vision", "bridge", "llm"])
     steps: int = doc("optimizer steps", 300)
-    batch_size: int = doc("examples per micro-batch", 16)
+    batch_size: int = doc("examples per micro-batch, over all GPUs: each of N processes takes batch_size/N, so a "
+                          "recipe trains the same steps on any number of GPUs", 16)
     grad_accum: int = doc("micro-batches per optimizer step", 1)
     lr: float = doc("peak learning rate", 1e-3)
     weight_decay: float = doc("AdamW weight decay", 0.0)
@@ -109,6 +110,17 @@ class TrainSection:
                                "LLM alone, no bridge/vision LoRA, no soft prompt)", factory=list)
     loss_vocab: str = doc("full: softmax over the whole vocabulary | targets: over the tokens that occur in the "
                           "training answers (much cheaper for a small LLM with a large vocabulary)", "full")
+    precision: str = doc("auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16-mixed (fp32 weights, bf16 autocast) | bf16 "
+                         "(frozen weights in bf16, trained ones and the optimizer state in fp32, bf16 autocast) | "
+                         "bf16-true (every weight and the optimizer state in bf16: full fine-tuning of a 7B on one "
+                         "card, at the cost of update precision)", "auto")
+    attention: str = doc("sdpa (fused attention kernels through torch's scaled_dot_product_attention) | eager", "sdpa")
+    gradient_checkpointing: bool = doc("recompute activations in the backward pass: less memory, about a third "
+                                       "more compute", False)
+    compile: bool = doc("torch.compile each LLM decoder layer (regional: compiled once, reused by every layer); "
+                        "the first steps pay the compilation", False)
+    group_by_length: bool = doc("sort each optimizer step's examples by length before cutting them into "
+                                "micro-batches and GPU shares, so short examples are not padded to long ones", True)
 
 
 @dataclass
@@ -145,6 +157,7 @@ class Recipe:
 
 
 TASK_KINDS = ("caption", "vqa", "match")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16", "bf16-true")
 SECTION_TYPES = {f.name: f.type for f in fields(Recipe) if f.name != "source"}
 
 
@@ -319,6 +332,11 @@ def semantic_problems(r: Recipe) -> list[str]:
             p.append(f"`train.baselines`: unknown baseline {b!r}; baselines: llm_only")
     if t.loss_vocab not in ("full", "targets"):
         p.append(f"`train.loss_vocab`: expected full or targets, got {t.loss_vocab!r}")
+    if t.precision not in PRECISIONS:
+        p.append(f"`train.precision`: expected one of {', '.join(PRECISIONS)}, got {t.precision!r}; "
+                 "bf16 suits LoRA on a GPU, fp32 a CPU")
+    if t.attention not in ("sdpa", "eager"):
+        p.append(f"`train.attention`: expected sdpa or eager, got {t.attention!r}")
     if t.method not in ("lora", "full"):
         p.append(f"`train.method`: expected lora or full, got {t.method!r}")
     for part in t.parts:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
@@ -23,12 +24,17 @@ def score_table(results: dict) -> Table:
 def run_recipe(recipe, resume: bool, console: Console) -> dict:
     from mmagent.train.rundir import RunLock
     from mmagent.train.trainer import Trainer
-    from mmagent.train.build import ensure_base
-    ensure_base(recipe.model.base, quiet=console.quiet)  # building a base is the step before training
-    with RunLock(recipe.run_dir):  # the run and its baselines are one writer's, start to end
+    from mmagent.train.distributed import Ranks
+    main = Ranks().main  # several processes (--gpus N): rank 0 holds the run directory and reports
+    if main:  # building a base is the step before training (`--gpus N` built it before starting the ranks)
+        from mmagent.train.build import ensure_base
+        ensure_base(recipe.model.base, quiet=console.quiet)
+    with RunLock(recipe.run_dir) if main else nullcontext():  # the run and its baselines: one writer's
         results = Trainer(recipe, resume=resume, console=console).run()
         if recipe.train.baselines:
             results = run_baselines(recipe, results, console)
+    if not main:
+        return results
     console.print(score_table(results))
     where = recipe.run_dir / ("adapters/" + recipe.adapter_name if recipe.train.method == "lora" else "model")
     console.print(f"run directory: [bold]{recipe.run_dir}[/]  ({where}, report.md, metrics.jsonl)")
@@ -43,15 +49,19 @@ def run_baselines(recipe, results: dict, console: Console) -> dict:
     from mmagent.files import atomic_write_json
     from mmagent.train.recipe import apply_overrides, recipe_from_dict
     from mmagent.train.report import write_report
+    from mmagent.train.distributed import Ranks
     from mmagent.train.trainer import Trainer
     for name in recipe.train.baselines:
         console.print(f"baseline [bold]{name}[/]: the same recipe with {' '.join(BASELINES[name])}")
         raw = apply_overrides(recipe.to_dict(), [*BASELINES[name], f'run.output_dir="{recipe.run_dir / "baselines" / name}"',
                                                  "train.baselines=[]", "train.eval_base=false"])
         # a baseline belongs to the run that was just (re)trained: an older one in the run is replaced
-        shutil.rmtree(recipe.run_dir / "baselines" / name, ignore_errors=True)
+        if Ranks().main:
+            shutil.rmtree(recipe.run_dir / "baselines" / name, ignore_errors=True)
         sub = Trainer(recipe_from_dict(raw, f"{recipe.source} (baseline {name})"), console=console).run()
         results.setdefault("baselines", {})[name] = {k: v for k, v in sub.items() if k.startswith("adapter")}
+    if not Ranks().main:
+        return results
     atomic_write_json(recipe.run_dir / "results.json", results)
     write_report(recipe.run_dir, results)
     return results

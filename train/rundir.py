@@ -35,6 +35,8 @@ RESUMABLE = {
     "train.eval_base": "whether the base is evaluated at the end",
     "train.baselines": "the baselines trained after the run",
     "run.output_dir": "the run directory itself, however it is spelled",
+    "train.gradient_checkpointing": "recomputes activations: the same numbers, less memory",
+    "train.compile": "compiles the same computation",
     "log.tensorboard": "whether scalars also go to TensorBoard",
 }
 

@@ -24,8 +24,8 @@ from mmagent.train.checkpoint import checkpoints, load_checkpoint, save_checkpoi
 from mmagent.train.data.records import DataError
 from mmagent.train.data.stream import TaskMixture
 from mmagent.train.data.tasks import check_images_exist, eval_subset, file_digests, task_records
+from mmagent.train.distributed import Ranks
 from mmagent.train.evaluate import answer_vocabulary, evaluate_tasks
-from mmagent.train.families import expand_presets
 from mmagent.train.families import expand_presets
 from mmagent.train.recipe import Recipe
 from mmagent.train.report import read_metrics, write_report
@@ -36,6 +36,31 @@ from mmagent.train.vlm import VLM
 
 MAX_BAD_IN_A_ROW = 100  # a skip is for the odd broken file, not for a folder of them
 BASE_EVAL = 300  # held-out examples a task for the base's (ranked, slower) evaluation: a seeded spread sample
+
+
+def prefetched(make):
+    """Yield make(), make(), ... with the next one prepared on a worker thread while the caller trains on
+    this one: image decoding and tokenising overlap the GPU step. Close the generator to stop."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1, thread_name_prefix="mmagent-data") as pool:
+        ahead = pool.submit(make)
+        while True:
+            ready = ahead.result()
+            ahead = pool.submit(make)
+            yield ready
+
+
+class LossForward(torch.nn.Module):
+    """The training forward as one module, so that DDP (which syncs gradients of what its forward ran)
+    wraps it: per-answer-token losses of a batch (VLM.loss, reduction="none")."""
+
+    def __init__(self, vlm: VLM, soft_prompt):
+        super().__init__()
+        self.model, self.soft_prompt, self.vlm = vlm.model, soft_prompt, vlm
+
+    def forward(self, batch: dict, vocab) -> torch.Tensor:
+        sp = self.soft_prompt() if self.soft_prompt is not None else None
+        return self.vlm.loss(batch, sp, vocab, reduction="none")
 
 
 def lr_lambda(warmup: int, total: int):
@@ -64,7 +89,10 @@ class Trainer:
         self.recipe, self.resume, self.evaluate_only = recipe, resume, evaluate_only
         self.console = console or Console()
         self.run_dir = recipe.run_dir
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ranks = Ranks(find_unused=recipe.train.method == "full")  # one process: rank 0 of 1
+        self.device = self.ranks.device
+        if not self.ranks.main:  # one voice and one writer: rank 0's
+            self.console = Console(quiet=True)
         self.skipped: list[str] = []  # one message per distinct unreadable image
         self.lock: RunLock | None = None
         self.stop_signal: int | None = None
@@ -90,18 +118,22 @@ class Trainer:
         model, tokenizer, image_processor, self.base = self._load_base()
         self.vlm = VLM(model, tokenizer, image_processor, r.model.system)
         self._make_trainable()
+        self._set_precision()
         self.vlm.model.to(self.device)
+        self._speed_up()
         self.soft_prompt = None
         if r.soft_prompt.tokens:
             embed = self.vlm.family.embed_tokens(self.vlm.base_model)
             self.soft_prompt = ad.SoftPrompt(embed, r.soft_prompt.tokens, r.run.seed).to(self.device)
+        self.ranks.check_batch(r.train.batch_size)
+        self.forward = self.ranks.wrap(LossForward(self.vlm, self.soft_prompt))  # DDP on several processes
         self._setup_optimizer()
         self.loss_vocab = self._target_vocab() if r.train.loss_vocab == "targets" and self.train_records else None
         self.step, self.position = 0, 0
         if self.resume:
             self._resume()
         self.board = TensorBoardLog(self.run_dir, self.step) if tensorboard else None
-        if not self.evaluate_only:  # recipe.json says what this run trains with, from its start
+        if not self.evaluate_only and self.ranks.main:  # recipe.json says what this run trains with, from its start
             atomic_write_json(self.run_dir / "recipe.json", r.to_dict())
         self._print_trainable()
 
@@ -151,7 +183,7 @@ class Trainer:
     def _check_run_dir(self) -> None:
         """One writer at a time (a lock held until finish/close), never a silent replacement of a run, and
         --resume only with the run's own settings (see mmagent.train.rundir)."""
-        if self.evaluate_only:
+        if self.evaluate_only or not self.ranks.main:  # rank 0 checks and holds the run directory for all
             return
         self.lock = RunLock(self.run_dir).acquire()
         try:
@@ -198,7 +230,35 @@ class Trainer:
             return model, tok, proc, Base(ref, Path("."), "untrained")
         from mmagent.train.base import load, resolve
         base = resolve(ref)  # built already (mmagent.train.build.ensure_base): resolving never trains
-        return (*load(base), base)
+        # bf16 weights straight from the files onto the device: a 7B never passes through fp32 in host memory
+        dtype = torch.bfloat16 if self.precision in ("bf16", "bf16-true") else torch.float32
+        return (*load(base, dtype, attention=self.recipe.train.attention, device=self.device), base)
+
+    @property
+    def precision(self) -> str:
+        p = self.recipe.train.precision
+        return ("bf16" if self.device.type == "cuda" else "fp32") if p == "auto" else p
+
+    def _set_precision(self) -> None:
+        """bf16: frozen weights in bf16, trained ones in fp32 (so are their gradients and AdamW's moments);
+        bf16-true: everything in bf16; fp32 and bf16-mixed: everything in fp32 (autocast does the rest)."""
+        p, model = self.precision, self.vlm.model
+        if p in ("bf16", "bf16-true"):
+            model.to(torch.bfloat16)
+        if p == "bf16":
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+
+    def _speed_up(self) -> None:
+        """Gradient checkpointing and regional torch.compile of the LLM's decoder layers (recipe switches)."""
+        t, base = self.recipe.train, self.vlm.base_model
+        if t.gradient_checkpointing and not self.evaluate_only:
+            enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable  # 5.24 renamed it
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.compile and not self.evaluate_only:
+            for layer in self.vlm.family.decoder(base).layers:  # one compiled graph, reused by every layer
+                layer.compile()
 
     def _make_trainable(self) -> None:
         r, vlm = self.recipe, self.vlm
@@ -244,13 +304,18 @@ class Trainer:
 
     # ---- training ------------------------------------------------------------------------------
     def next_batch(self, stream) -> dict:
-        t = self.recipe.train
+        examples, self.position = self.next_examples(stream, self.recipe.train.batch_size)
+        return self.collate_examples(examples)
+
+    def next_examples(self, stream, n: int) -> tuple[list[tuple], int]:
+        """The stream's next `n` readable examples as (encoded, image, task), and the stream position after
+        them; an unreadable image is skipped (and counted once)."""
         n_soft = self.recipe.soft_prompt.tokens
         encoded, images, tasks = [], [], []
-        failures_in_a_row = 0
-        while len(images) < t.batch_size:
+        failures_in_a_row, position = 0, None
+        while len(images) < n:
             k, rec = next(stream)
-            self.position = k + 1
+            position = k + 1
             try:
                 images.append(load_image(rec["image_path"], self.recipe.data.max_pixels))
                 failures_in_a_row = 0
@@ -264,7 +329,24 @@ class Trainer:
                 continue
             encoded.append(self.vlm.encode(rec["instruction"], rec["input"], rec["output"], n_soft))
             tasks.append(self.mixture.task_of(k))
+        return list(zip(encoded, images, tasks)), position
+
+    def collate_examples(self, examples: list[tuple]) -> dict:
+        encoded, images, tasks = (list(x) for x in zip(*examples))
         return {**self.collate(encoded, images), "tasks": tasks}
+
+    def step_batches(self, stream) -> dict:
+        """One optimizer step's data. Every rank draws the same global examples (batch_size x grad_accum),
+        sorted by length when train.group_by_length (less padding), cut into micro-batches; each rank
+        collates its share of each. `answer_tokens` (global) turns summed losses into the step's mean."""
+        t = self.recipe.train
+        examples, position = self.next_examples(stream, t.batch_size * t.grad_accum)
+        if t.group_by_length:  # a stable sort: equal lengths keep the stream's order
+            examples = sorted(examples, key=lambda e: len(e[0].input_ids))
+        micro = [examples[i:i + t.batch_size] for i in range(0, len(examples), t.batch_size)]
+        return {"batches": [self.collate_examples(self.ranks.share(m)) for m in micro], "position": position,
+                "answer_tokens": sum(label != -100 for e in examples for label in e[0].labels[1:]),
+                "tokens": sum(len(e[0].input_ids) for e in examples)}
 
     def collate(self, encoded, images) -> dict:
         n = max(len(e.input_ids) for e in encoded)
@@ -279,18 +361,25 @@ class Trainer:
             batch["qformer_input_ids"], batch["qformer_attention_mask"] = instruction
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def train_step(self, stream) -> float:
-        t = self.recipe.train
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision != "fp32")
+
+    def train_step(self, steps) -> float:
+        """One optimizer step on the next prepared step of `steps` (step_batches' dicts); its mean loss."""
+        step = next(steps)
         total, per_task = 0.0, {}
-        for _ in range(t.grad_accum):
-            batch = self.next_batch(stream)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                sp = self.soft_prompt() if self.soft_prompt is not None else None
-                tokens = self.vlm.loss(batch, sp, self.loss_vocab, reduction="none")
-                loss = tokens.mean() / t.grad_accum
-            loss.backward()
-            total += loss.item()
+        batches = step["batches"]
+        for i, batch in enumerate(batches):
+            with self.ranks.no_sync(self.forward, i == len(batches) - 1):
+                with self.autocast():
+                    tokens = self.forward(batch, self.loss_vocab)
+                    # DDP averages gradients over ranks: times world / global count = the step's token mean
+                    loss = tokens.sum() * (self.ranks.world / max(1, step["answer_tokens"]))
+                loss.backward()
+            total += loss.item() / self.ranks.world
             add_task_losses(per_task, tokens.detach(), batch)
+        total = self._agree(total, per_task)
+        self.position, self.step_tokens = step["position"], step["tokens"]
         self.task_loss = {task: s / n for task, (s, n) in sorted(per_task.items()) if n}
         torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
         self.optimizer.step()
@@ -298,11 +387,37 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
+    def _agree(self, loss: float, per_task: dict) -> float:
+        """Several processes: sum the step's loss and per-task sums over ranks, and stop together when any
+        rank was signalled. One all-reduce a step; nothing on one process."""
+        if self.ranks.world == 1:
+            return loss
+        names = self.mixture.names
+        got = self.ranks.sum([loss, float(self.stop_signal or 0)] + [per_task.get(n, (0.0, 0))[0] for n in names]
+                             + [per_task.get(n, (0.0, 0))[1] for n in names])
+        if got[1] and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        per_task.clear()
+        per_task.update({n: (got[2 + i], int(got[2 + len(names) + i])) for i, n in enumerate(names)})
+        return got[0]
+
     def train(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-        t = self.recipe.train
         self.vlm.model.train()
         stream = self.mixture.examples(self.position)
+        steps = prefetched(lambda: self.step_batches(stream))
+        try:
+            self._train_loop(steps)
+        finally:
+            steps.close()
+        if self.skipped:
+            self.console.print(f"[yellow]skipped the examples of {len(self.skipped)} unreadable image(s); "
+                               f"first: {self.skipped[0]}")
+        if self.stop_signal is not None:
+            self._stop()
+
+    def _train_loop(self, steps) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        t = self.recipe.train
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.3f} lr {task.fields[lr]:.2e} {task.fields[sps]:.0f} samples/s"),
                    TimeRemainingColumn())
@@ -311,25 +426,23 @@ class Trainer:
                                     loss=float("nan"), lr=0.0, sps=0.0)
             while self.step < t.steps:
                 start = time.perf_counter()
-                loss = self.train_step(stream)
+                loss = self.train_step(steps)
                 self.step += 1
-                sps = t.batch_size * t.grad_accum / (time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                sps = t.batch_size * t.grad_accum / seconds
                 lr = self.scheduler.get_last_lr()[0]
                 progress.update(bar, completed=self.step, loss=loss, lr=lr, sps=sps)
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self._log({"step": self.step, "loss": loss, "lr": lr, "samples_per_s": sps,
-                               "task_loss": self.task_loss})
+                               "tokens_per_s": self.step_tokens / seconds, "task_loss": self.task_loss})
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save_checkpoint()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    self._log({"step": self.step, "eval": self.evaluate()})
+                    if self.ranks.main:  # rank 0 evaluates, the others wait for it
+                        self._log({"step": self.step, "eval": self.evaluate()})
+                    self.ranks.barrier()
                 if self.stop_signal is not None:
                     break
-        if self.skipped:
-            self.console.print(f"[yellow]skipped the examples of {len(self.skipped)} unreadable image(s); "
-                               f"first: {self.skipped[0]}")
-        if self.stop_signal is not None:
-            self._stop()
 
     @contextmanager
     def _stop_on_signals(self):
@@ -364,14 +477,17 @@ class Trainer:
             f"`mmagent train {self.recipe.source} --resume` (and the same key=value overrides)"))
 
     def save_checkpoint(self) -> None:
+        if not self.ranks.main:  # replicated state: rank 0's checkpoint is every rank's
+            return
         save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler,
-                        {"example": self.position, "skipped": self.skipped})
+                        {"example": self.position, "skipped": list(self.skipped), "world_size": self.ranks.world})
 
     # ---- evaluation and output -----------------------------------------------------------------
     def evaluate(self, with_adapter: bool = True, split: str = "eval", candidates: dict | None = None) -> dict:
         sp = self.soft_prompt() if (self.soft_prompt is not None and with_adapter) else None
         bare = not with_adapter and hasattr(self.vlm.model, "disable_adapter")
-        with torch.random.fork_rng(devices=[]), (self.vlm.model.disable_adapter() if bare else nullcontext()):
+        eager = torch.compiler.set_stance("force_eager") if self.recipe.train.compile else nullcontext()
+        with torch.random.fork_rng(devices=[]), (self.vlm.model.disable_adapter() if bare else nullcontext()), eager:
             self.vlm.model.eval()
             result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records[split], sp,
                                     self.recipe.train.max_new_tokens, self.device, self.recipe.data.max_pixels,
@@ -397,6 +513,8 @@ class Trainer:
         return json.loads(meta.read_text()).get("results", {}) if meta.is_file() else {}
 
     def _log(self, entry: dict) -> None:
+        if not self.ranks.main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -405,13 +523,17 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
-        if path.exists():
+        if path.exists() and self.ranks.main:
             keep = [e for e in read_metrics(path) if e["step"] <= step]
             atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in keep).encode())
 
     def finish(self) -> dict:
         """Evaluate adapter and base, write the adapter (or the full model) and the results."""
         r = self.recipe
+        if not self.ranks.main:  # rank 0 evaluates and writes the run; the others wait for it
+            self.ranks.barrier()
+            self.close()
+            return {"steps": self.step}
         results = {"adapter": self.evaluate(True)}
         if "comp" in self.eval_records:
             results["adapter_compositional"] = self.evaluate(True, "comp")
@@ -440,6 +562,7 @@ class Trainer:
         atomic_write_json(self.run_dir / "results.json", results)
         write_report(self.run_dir, results)
         self.close()
+        self.ranks.barrier()
         return results
 
     def save_full_model(self) -> None:
