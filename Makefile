@@ -1,6 +1,7 @@
 # Two commands do the whole set-up on a fresh machine (see README):
 #   make demo   install, then train the VQA adapter on the embedded default (builds builtin:tiny first)
 #   make test   install with test extras, then run the whole suite (what .ci/run calls)
+#   make test-fast  the unit tests only (no test that trains or exports a model first): under 2 minutes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -32,4 +33,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q --timeout=900
 
-.PHONY: install demo test
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not trains" --timeout=300
+
+.PHONY: install demo test test-fast

@@ -20,6 +20,17 @@ def mmagent_cache(tmp_path_factory):
     return Path(path)
 
 
+# Fixtures that train or export a model before their first test: the tests using them are the `trains`
+# lane; `make test-fast` (pytest -m "not slow and not trains") runs the rest, the unit tests, in a minute or two.
+TRAINED_FIXTURES = {"micro_base", "two_runs", "bundle", "agents"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.trains)
+
+
 SMALL_DATA = ["data.train_images=48", "data.eval_images=12", "data.image_size=32"]
 
 
