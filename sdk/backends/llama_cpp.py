@@ -28,6 +28,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from mmagent.adapters import require
+
 Segment = Sequence[int] | np.ndarray  # token ids, or float32 embeddings [n, n_embd]
 
 
@@ -262,8 +264,8 @@ class LlamaCppLM:
 
     def set_adapter(self, name: str | None) -> None:
         """Make adapter `name` (None: the bare base) the one applied; the KV cache, built under the old one, goes."""
-        if name is not None and name not in self._adapters:
-            raise KeyError(f"no adapter `{name}` loaded; loaded: {', '.join(self._adapters) or 'none'}")
+        if name is not None:
+            require(name, self._adapters)
         _, adapters, scales = self._adapters[name] if name is not None else (None, None, None)
         with self._guard.shared():
             status = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 0 if name is None else 1, scales)
@@ -275,8 +277,7 @@ class LlamaCppLM:
     def unload_adapter(self, name: str) -> None:
         """Free adapter `name` on this model (every lane). The caller makes sure no generation still uses it;
         a lane that last applied it lets go of it first."""
-        if name not in self._adapters:
-            raise KeyError(f"no adapter `{name}` loaded; loaded: {', '.join(self._adapters) or 'none'}")
+        require(name, self._adapters)
         root = self._owner or self
         with self._guard.exclusive():  # no decode or switch runs anywhere meanwhile
             adapter, _, _ = self._adapters.pop(name)
