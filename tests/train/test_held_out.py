@@ -126,3 +126,19 @@ def test_the_restricted_softmax_is_the_full_softmax_over_those_tokens():
         masked = logits[keep].masked_fill(~torch.isin(torch.arange(logits.shape[-1]), vocab), float("-inf"))
         expected = torch.nn.functional.cross_entropy(masked, labels[keep])
     assert torch.allclose(restricted, expected, atol=1e-5)
+
+
+def test_evaluation_applies_the_recipes_pixel_limit_as_training_does(tmp_path, monkeypatch):
+    """data.max_pixels reaches the held-out images too: one over the limit is left out (counted), never decoded."""
+    from PIL import ImageFile
+
+    from mmagent.train.evaluate import load_eval_images
+    small, big = tmp_path / "small.png", tmp_path / "big.png"
+    Image.new("RGB", (10, 10)).save(small)
+    Image.new("RGB", (40, 30)).save(big)  # 1,200 pixels
+    records = [{"image_path": str(small)}, {"image_path": str(big)}, {"image_path": str(big)}]
+    assert [im is None for im in load_eval_images(records, 40_000_000)] == [False, False, False]
+    decode = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded a refused image")
+                        if self.size == (40, 30) else decode(self))
+    assert [im is None for im in load_eval_images(records, 1_000)] == [False, True, True]
