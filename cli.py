@@ -190,16 +190,42 @@ def info(path: Path = typer.Argument(..., help="a bundle or a run directory")):
         fail(e)
 
 
+DEVICE_HELP = ("cpu | cuda; default: the edge backend on the CPU, the torch backend on CUDA when torch sees a GPU. "
+               "cuda: llama.cpp with every layer on the GPU and the fp16 vision graph on onnxruntime's CUDA provider "
+               "(edge), bf16 (torch); an error if the CUDA build is missing, never a quiet CPU run")
+
+
+@app.command()
+def check(bundle: Path = typer.Argument(..., help="the bundle to check"),
+          runs: list[Path] = typer.Argument(..., help="the runs it was exported from (the torch reference)"),
+          device: str = typer.Option("cuda", help="cpu | cuda: where the bundle runs"),
+          quant: Optional[list[str]] = typer.Option(None, "--quant", help="LLM variants to check (default: all)")):
+    """Run the export's self-check on a device: the bundle there against torch in fp32 on the CPU.
+
+    f16 greedy tokens must match torch exactly, quantised variants report agreement, vision embeddings must
+    stay within tolerance, every adapter answers in turn. Exit 1 when a check fails."""
+    import json
+    from mmagent.export.devicecheck import check_on_device
+    try:
+        report = check_on_device(bundle, runs, device, quant)
+    except USER_ERRORS as e:
+        fail(e)
+    console.print_json(json.dumps(report))
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def chat(image: Path = typer.Argument(..., help="the image to talk about"),
          model: Path = typer.Option(Path("runs/vqa"), "--model", "-m", help="bundle, run or model directory"),
          adapter: Optional[str] = typer.Option(None, help="adapter name; default: the router picks"),
-         backend: str = typer.Option("auto", help="auto | torch | edge")):
+         backend: str = typer.Option("auto", help="auto | torch | edge"),
+         device: Optional[str] = typer.Option(None, help=DEVICE_HELP)):
     """Chat about an image in the terminal, answers streamed (/help for commands)."""
     from mmagent.agent import Agent
     from mmagent.chat import run_terminal_chat
     try:
-        agent = Agent.load(model, backend)
+        agent = Agent.load(model, backend, device=device)
         if adapter is not None:
             agent.adapter_info(adapter)  # refuses a name the model lacks, listing the ones it has
         run_terminal_chat(agent, image, adapter, console)
@@ -220,7 +246,8 @@ def serve(model: Path = typer.Argument(..., help="bundle, run or model directory
           max_tokens: int = typer.Option(1024, help="the most new tokens a request may ask for"),
           max_body_mb: float = typer.Option(16.0, help="largest request body (413 above)"),
           max_image_mp: float = typer.Option(16.0, help="largest image in megapixels (413 above)"),
-          allow_local_files: bool = typer.Option(False, help="accept image URLs that are paths on this machine")):
+          allow_local_files: bool = typer.Option(False, help="accept image URLs that are paths on this machine"),
+          device: Optional[str] = typer.Option(None, help=DEVICE_HELP)):
     """Serve the model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /v1/adapters, /health).
 
     Ctrl-C or SIGTERM stops taking requests and finishes those in flight.
@@ -235,7 +262,7 @@ def serve(model: Path = typer.Argument(..., help="bundle, run or model directory
                         timeout_s=timeout)
     try:
         edge = backend == "edge" or (backend == "auto" and (model / "manifest.json").exists())
-        agent = Agent.load(model, backend, **({"lanes": lanes or default_lanes()} if edge else {}))
+        agent = Agent.load(model, backend, device=device, **({"lanes": lanes or default_lanes()} if edge else {}))
         uvicorn_server = server(agent, host, port, settings)
     except USER_ERRORS as e:
         fail(e)

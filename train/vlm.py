@@ -151,6 +151,9 @@ class VLM:
         ids, mask = self.left_pad(prompts)
         ids, mask = ids.to(pixel_values.device), mask.to(pixel_values.device)
         embeds = self.input_embeds(ids, pixel_values, soft_prompt, instruction)
+        graphs = getattr(self, "graph_decoder", None)  # the torch backend's on CUDA (train/graph_decode.py)
+        if graphs is not None and len(prompts) == 1 and choose is None and not self.seq2seq:
+            return [graphs.generate(embeds, max_new_tokens, on_token, stop_at_eos)]
         if self.seq2seq:
             return self._seq2seq_generate(embeds, mask, max_new_tokens, on_token, stop_at_eos, choose)
         cache, eos = DynamicCache(), self.tokenizer.eos_token_id if stop_at_eos else -1

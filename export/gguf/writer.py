@@ -12,18 +12,17 @@ import re
 from collections.abc import Iterator, Mapping
 
 import gguf
-import llama_cpp
 import numpy as np
 import torch
 
-from mmagent.backends.llama_cpp import silence_llama_cpp
 from mmagent.files import atomic_path
 
 ARCH = "llama"
 TOKENIZER_MODEL = "gpt2"  # byte-level BPE
 TOKENIZER_PRE = "smollm"  # llama.cpp's name for SmolLM2's pre-tokenizer (digits split one by one)
 OUTPUT_HEAD = "output.weight"  # absent when tied: llama.cpp then reuses token_embd.weight
-QUANT_FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+# llama.cpp's file types; plain numbers so that writing needs no native library (quantising does, lazily)
+QUANT_FTYPES = {"q8_0": 7, "q4_k_m": 15}  # LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_K_M
 
 # HF names inside the decoder stack (LlamaModel) -> GGUF names.
 TENSOR_NAMES = {
@@ -269,6 +268,9 @@ def quantize(src_gguf: str | os.PathLike, dst_gguf: str | os.PathLike, kind: str
     """Quantize an f16 GGUF with llama.cpp (`q8_0` or `q4_k_m`)."""
     if kind not in QUANT_FTYPES:
         raise ValueError(f"unknown quantization `{kind}`; expected one of {', '.join(QUANT_FTYPES)}")
+    import llama_cpp
+
+    from mmagent.backends.llama_cpp import silence_llama_cpp
     silence_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[kind]

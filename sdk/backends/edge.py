@@ -57,13 +57,23 @@ def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
 class EdgeBackend:
     live_adapters = True  # adapters load and unload while other lanes generate
 
-    def __init__(self, bundle, quant: str = "f16", vision: str = "fp32", n_threads: int | None = None,
-                 n_gpu_layers: int = 0, providers=None, manifest: dict | None = None, lanes: int = 1):
+    def __init__(self, bundle, quant: str = "f16", vision: str | None = None, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, providers=None, manifest: dict | None = None, lanes: int = 1,
+                 device: str | None = None):
         from mmagent.backends.llama_cpp import LlamaCppLM
         from mmagent.backends.onnx_vision import VisionSession
+        from mmagent.device import check_onnx_session, is_cuda, parse_device, require_llama_cuda, vision_providers
         self.bundle = Path(bundle)
         self.manifest = manifest or read_manifest(self.bundle)
         m = self.manifest
+        # device="cuda": every LLM layer on the GPU and the fp16 vision graph on onnxruntime's CUDA provider;
+        # a missing CUDA build or provider is an error (DeviceError), never a quiet run on the CPU.
+        self.device = parse_device(device)
+        vision = self.vision_graph = vision or ("fp16" if is_cuda(self.device) and "fp16" in m["vision"] else "fp32")
+        if is_cuda(self.device):
+            require_llama_cuda()
+            n_gpu_layers = -1  # llama.cpp: negative = all layers
+            providers = providers or vision_providers(self.device)
         if quant not in m["llm"] or vision not in m["vision"] or vision not in ("fp32", "fp16"):
             raise BundleError(f"bundle `{bundle}` has no `{quant}` LLM and `{vision}` vision graph for the edge backend "
                               f"(LLM: {', '.join(m['llm']) or 'none'}; vision: "
@@ -77,6 +87,7 @@ class EdgeBackend:
             raise ValueError(f"lanes must be at least 1, got {lanes}")
         self.lanes, self.lms = lanes, [self.llm, *(self.llm.lane() for _ in range(lanes - 1))]
         self.vision = VisionSession(self.bundle / m["vision"][vision], providers)
+        check_onnx_session(self.vision.session.get_providers(), self.device)
         self.prompt, self.template = m["prompt"], ChatTemplate(m["prompt"])
         self.stop_ids = stop_ids(self.prompt)  # torch's end tokens, not llama.cpp's wider end-of-generation set
         self.qformer_tokenizer = qformer_tokenizer(self.bundle, self.prompt)  # InstructBLIP's, else None

@@ -50,11 +50,26 @@ def attach(model, adapter: Adapter):
     return model
 
 
+def torch_placement(device: str | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype): None picks CUDA when torch sees it; on CUDA bf16 unless `dtype` says otherwise.
+    device="cuda" without a CUDA torch is an error, never a quiet run on the CPU."""
+    from mmagent.device import DeviceError, is_cuda, parse_device
+    name = parse_device(device, default="cuda" if torch.cuda.is_available() else "cpu")
+    if is_cuda(name) and not torch.cuda.is_available():
+        build = f"a CPU-only build, {torch.__version__}" if torch.version.cuda is None else \
+            f"built for CUDA {torch.version.cuda}, but it sees no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
+        raise DeviceError(f"device='cuda' for the torch backend: this torch is {build}; install a CUDA build "
+                          "of PyTorch to run it on the GPU")
+    where = torch.device(name)
+    return where, dtype or (torch.bfloat16 if where.type == "cuda" else torch.float32)
+
+
 class TorchBackend:
-    def __init__(self, paths: list[Path], device: str | None = None):
+    def __init__(self, paths: list[Path], device: str | None = None, dtype: torch.dtype | None = None,
+                 cuda_graphs: bool = True):
         from mmagent.train.base import Base, fingerprint, load, resolve
         from mmagent.train.vlm import VLM
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device, self.dtype = torch_placement(device, dtype)
         dirs, model_dir = adapter_dirs(paths)
         records = [read_adapter(d, framework="pt") for d in dirs]  # each adapter read once, here
         check_unique(records)
@@ -72,7 +87,10 @@ class TorchBackend:
             record.check_base(base.fingerprint)
             model = attach(model, record)
             self.adapters[record.name] = record
-        self.vlm = VLM(model.to(self.device).eval(), tokenizer, processor)
+        self.vlm = VLM(model.to(self.device, self.dtype).eval(), tokenizer, processor)
+        if self.device.type == "cuda" and cuda_graphs:  # batch-1 greedy decoding as CUDA graph replays
+            from mmagent.train.graph_decode import GraphDecoder
+            self.vlm.graph_decoder = GraphDecoder(self.vlm)
         self.default_system = self.vlm.system
 
     @property
@@ -154,7 +172,7 @@ class TorchBackend:
         check_fits(len(prompt), n_ctx)
         max_new_tokens = min(max_new_tokens, n_ctx - len(prompt))  # stop at the context's end, as llama.cpp does
         check_image(image)
-        pixels = self.vlm.pixels([image]).to(self.device)
+        pixels = self.vlm.pixels([image]).to(self.device, self.dtype)
         stream, first = TextStream(self.decode, on_text, sampling.stop, cancel), []
 
         def on_token(step, ids):

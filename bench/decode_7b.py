@@ -1,0 +1,253 @@
+"""Decode speed of a LLaMA-7B-shaped LLM (random weights, batch 1) on one GPU against the memory-bandwidth
+bound measured in the same process: bound = copy bandwidth (bytes read + written by a device-to-device
+copy) / weight bytes one decode step reads (every weight but the input embedding table, of which a step
+reads one row; LoRA weights included).
+
+    python bench/decode_7b.py torch --work DIR --out torch.json
+        builtin:tiny's vision side with the 7B LLM, in bf16 on CUDA; writes DIR/llm.f16.gguf through our
+        GGUF writer and a random rank-16 q/v LoRA as DIR/lora.gguf; times the torch backend's decode
+        (static cache + CUDA graphs, train/graph_decode.py) base and with the LoRA, against transformers'
+        generate on the same LLM (dynamic and static cache: /work/shared/bench/baseline_decode_7b.py)
+    python bench/decode_7b.py write --work DIR --out w.json    (only the two GGUF files)
+    python bench/decode_7b.py llama --work DIR --out llama.json
+        quantises DIR/llm.f16.gguf to q4_k_m (llama.cpp); for f16 and q4_k_m with the LoRA: the SDK's
+        llama.cpp runtime (LlamaCppLM, what the edge backend decodes with) against llama-cpp-python's plain
+        `Llama` on the same file, all layers on the GPU (LLAMA_CPP_LIB_PATH: a CUDA build)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT  # noqa: F401  (puts the repo on sys.path)
+
+N_PROMPT, N_DECODE, REPEATS = 64, 128, 3
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+LORA_RANK, LORA_ALPHA = 16, 32
+
+
+DEVICE = "cuda"  # --smoke: "cpu", a 2-layer LLM, to try the script without a GPU
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second a 2 GiB device-to-device copy moves, read + write (as baseline_decode_7b.py)."""
+    x = torch.empty(2 * 2**30 if DEVICE == "cuda" else 2**26, dtype=torch.uint8, device=DEVICE)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync()
+    return 10 * 2 * x.numel() / (time.perf_counter() - t)
+
+
+OUT: Path | None = None
+
+
+def save(res: dict) -> None:
+    """Write what is measured so far (a step that overruns its time limit loses only itself)."""
+    if OUT is not None:
+        OUT.write_text(json.dumps(res, indent=1))
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (smoke run)"
+
+
+def rate(stamps: list[float]) -> float:
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+# ---- torch ---------------------------------------------------------------------------------------------------
+
+def build(tok):
+    from transformers import Blip2ForConditionalGeneration, LlamaConfig
+    from mmagent.train.builtin import blip2_config
+    text = LlamaConfig(**LLAMA_7B, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = Blip2ForConditionalGeneration(blip2_config(text, tok))
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def add_lora(model):
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights=False,
+                        target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    return get_peft_model(model, config, adapter_name="task")
+
+
+def graph_decode(vlm, decoder, embeds) -> float:
+    rates = []
+    for _ in range(REPEATS + 1):  # the first run captures the graph
+        stamps = []
+        decoder.generate(embeds, N_DECODE, lambda k, ids: stamps.append(time.perf_counter()) and False,
+                         stop_at_eos=False)
+        rates.append(rate(stamps))
+    return statistics.median(rates[1:])
+
+
+def hf_generate(lm, ids, static: bool) -> float:
+    kw = dict(max_new_tokens=N_DECODE, min_new_tokens=N_DECODE, do_sample=False)
+    if static:
+        kw["cache_implementation"] = "static"
+    for _ in range(2):
+        lm.generate(ids, **kw)
+    sync()
+    t = time.perf_counter()
+    lm.generate(ids, **kw)
+    sync()
+    return N_DECODE / (time.perf_counter() - t)
+
+
+def run_torch(work: Path, measure: bool = True) -> dict:
+    from peft import get_peft_model_state_dict
+    from mmagent.export.gguf.writer import write_llm_gguf, write_lora_gguf
+    from mmagent.train.builtin import smollm2_tokenizer
+    from mmagent.train.graph_decode import GraphDecoder
+    from mmagent.train.vlm import VLM
+    tok = smollm2_tokenizer()
+    bw = copy_bandwidth()
+    model = build(tok)
+    lm = model.language_model
+    res = {"gpu": gpu_name(), "torch": torch.__version__, "copy_GBps": round(bw / 1e9)}
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    write_llm_gguf(lm, tok, work / "llm.f16.gguf")
+    res["gguf_write_s"] = round(time.perf_counter() - t, 1)
+    save(res)
+    peft_model = add_lora(model)
+    write_lora_gguf(get_peft_model_state_dict(peft_model, adapter_name="task"), LORA_ALPHA, work / "lora.gguf",
+                    config=lm.config, prefix="base_model.model.language_model.model.")
+    if not measure:  # `write`: the files for the llama phase only
+        return res
+    vlm = VLM(peft_model, tok, None)
+    embed_bytes = lm.get_input_embeddings().weight.nbytes
+    base_bytes = sum(p.nbytes for n, p in lm.named_parameters() if "lora_" not in n) - embed_bytes
+    lora_bytes = sum(p.nbytes for n, p in lm.named_parameters() if "lora_" in n)
+    ids = torch.randint(0, 32000, (1, N_PROMPT), device=DEVICE)
+    embeds = lm.get_input_embeddings()(ids)
+    decoder = GraphDecoder(vlm, use_graphs=DEVICE == "cuda")
+    with torch.no_grad():
+        res["bound_base_tok_s"] = bw / base_bytes
+        res["bound_lora_tok_s"] = bw / (base_bytes + lora_bytes)
+        res["weights_GB_per_token"] = round(base_bytes / 1e9, 3)
+        res["ours_lora_tok_s"] = graph_decode(vlm, decoder, embeds)
+        with peft_model.disable_adapter():
+            res["ours_base_tok_s"] = graph_decode(vlm, decoder, embeds)
+            res["capture_errors"] = decoder.capture_errors
+            save(res)
+            for mode in ("dynamic", "static"):
+                try:
+                    res[f"hf_{mode}_tok_s"] = hf_generate(lm, ids, mode == "static")
+                except Exception as e:  # noqa: BLE001 - reported, the rest still runs
+                    res[f"hf_{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                save(res)
+    for key in ("ours_base", "hf_dynamic", "hf_static"):
+        if f"{key}_tok_s" in res:
+            res[f"{key}_of_bound"] = res[f"{key}_tok_s"] / res["bound_base_tok_s"]
+    res["ours_lora_of_bound"] = res["ours_lora_tok_s"] / res["bound_lora_tok_s"]
+    return res
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------------------
+
+def gguf_bytes(path: Path, skip=("token_embd.weight",)) -> int:
+    import gguf
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name not in skip)
+
+
+def sdk_decode(path: Path, lora: Path, prompt: list[int]) -> float:
+    from mmagent.backends.llama_cpp import LlamaCppLM
+    rates = []
+    with LlamaCppLM(path, n_ctx=512, n_gpu_layers=-1 if DEVICE == "cuda" else 0) as lm:
+        lm.load_adapter("task", lora)
+        lm.set_adapter("task")
+        for _ in range(REPEATS + 1):
+            stamps = []
+            lm.generate([prompt], N_DECODE, lambda t: stamps.append(time.perf_counter()), stop_at_eos=False)
+            rates.append(rate(stamps))
+    return statistics.median(rates[1:])
+
+
+def plain_decode(path: Path, lora: Path, prompt: list[int]) -> float:
+    from llama_cpp import Llama
+    llm = Llama(str(path), n_gpu_layers=-1 if DEVICE == "cuda" else 0, n_ctx=512, n_batch=512, lora_path=str(lora), verbose=False)
+    rates = []
+    for _ in range(REPEATS + 1):
+        stamps = []
+        for _token in llm.generate(prompt, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == N_DECODE:
+                break
+        rates.append(rate(stamps))
+    llm.close()
+    return statistics.median(rates[1:])
+
+
+def run_llama(work: Path) -> dict:
+    import llama_cpp
+    from mmagent.export.gguf.writer import quantize
+    res = {"gpu": gpu_name(), "llama_cpp_python": llama_cpp.__version__,
+           "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+    t = time.perf_counter()
+    quantize(work / "llm.f16.gguf", work / "llm.q4_k_m.gguf", "q4_k_m")
+    res["quantize_s"] = round(time.perf_counter() - t, 1)
+    bw = copy_bandwidth()
+    res["copy_GBps"] = round(bw / 1e9)
+    lora = work / "lora.gguf"
+    prompt = [int(i) for i in np.random.default_rng(0).integers(0, 32000, N_PROMPT)]
+    for q in ("f16", "q4_k_m"):
+        path = work / f"llm.{q}.gguf"
+        bound = bw / (gguf_bytes(path) + gguf_bytes(lora, ()))
+        row = {"GB_per_token": round((gguf_bytes(path) + gguf_bytes(lora, ())) / 1e9, 3), "bound_tok_s": bound}
+        for name, fn in (("sdk", sdk_decode), ("plain_llama", plain_decode)):
+            try:
+                row[f"{name}_tok_s"] = fn(path, lora, prompt)
+                row[f"{name}_of_bound"] = row[f"{name}_tok_s"] / bound
+            except Exception as e:  # noqa: BLE001 - reported, the rest still runs
+                row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if "sdk_tok_s" in row and "plain_llama_tok_s" in row:
+            row["sdk_overhead"] = row["plain_llama_tok_s"] / row["sdk_tok_s"] - 1
+        res[q] = row
+        save(res)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["torch", "write", "llama"])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="CPU, 2 layers, 8 tokens: try the script")
+    args = ap.parse_args()
+    global OUT, DEVICE, N_DECODE, REPEATS
+    OUT = args.out
+    if args.smoke:
+        DEVICE, N_DECODE, REPEATS = "cpu", 8, 1
+        LLAMA_7B.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4)
+    res = run_llama(args.work) if args.phase == "llama" else run_torch(args.work, args.phase == "torch")
+    args.out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU-kernels benchmarks of docs/BENCHMARKS.md on a lent GPU machine, in two calls made while the machine
+# is held (what the first leaves under /tmp/mm is there for the second; rm -rf /tmp/mm for a clean run). Fill .cuda/ and .cuda-ort/ first
+# with bench/gpu_cuda_carry.sh.
+#   bash bench/gpu_kernels.sh one    (carry .cuda)      build llama.cpp CUDA; 7B decode: torch backend vs
+#                                    transformers, our GGUF through the SDK vs plain Llama, against the bound;
+#                                    the tiny default: torch on CUDA, edge on the CPU, edge LLM on CUDA
+#   bash bench/gpu_kernels.sh two    (carry .cuda-ort)  onnxruntime's CUDA provider: the tiny default's edge
+#                                    backend on CUDA, and `mmagent check --device cuda`
+# Results (json, logs) in $OUT/results.tgz; a summary on stdout.
+set -uo pipefail
+root=$(pwd) W=/tmp/mm
+out=${OUT:-/tmp/out} res=/tmp/mm/results
+mkdir -p "$W" "$out" "$res"
+shim=$(mktemp -d) && mkdir -p "$shim/mmagent"
+for f in "$root"/sdk/*; do ln -s "$f" "$shim/mmagent/"; done
+for d in train export recipes; do ln -s "$root/$d" "$shim/mmagent/$d"; done
+nvlibs=$(python3 -c "import glob, site; print(':'.join(sorted(glob.glob(site.getsitepackages()[0] + '/nvidia/**/lib', recursive=True))))")
+export PYTHONPATH=$shim:$W/site MMAGENT_CACHE=$W/cache LLAMA_CPP_LIB_PATH=$W/build/bin PYTHONUNBUFFERED=1 \
+  LD_LIBRARY_PATH=$W/build/bin:$nvlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  PYTHONFAULTHANDLER=1
+
+step() {  # step NAME COMMAND...: log to $res/NAME.log, one summary line, results re-packed after each step
+  local name=$1 t0=$SECONDS; shift
+  "$@" > "$res/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $((SECONDS - t0))s: $(grep -v '^\s*$' "$res/$name.log" | tail -1 | cut -c1-1500)"
+  tar czf "$out/results.tgz" -C "$res" .
+  return $rc
+}
+
+committed() {  # run COMMAND... with the last commit's mmagent (.cuda/head.tar.zst), when the tree is mid-edit
+  mkdir -p "$W"/head "$W"/headshim/mmagent && tar xzf .cuda/head.tar.gz -C "$W"/head
+  for f in "$W"/head/sdk/*; do ln -sf "$f" "$W/headshim/mmagent/"; done
+  for d in train export recipes; do ln -sfn "$W/head/$d" "$W/headshim/mmagent/$d"; done
+  PYTHONPATH=$W/headshim:$W/site "$@"
+}
+
+case ${1:-} in
+one)
+  mkdir -p "$W"/src "$W"/site "$W"/cache
+  tar xzf .cuda/llama-src.tar.gz -C "$W"/src  # gzip and Python's lzma: the GPU image has no zstd
+  tar xzf .cuda/site.tar.gz -C "$W"/site
+  tar xzf .cuda/cache.tar.gz -C "$W"/cache
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; python3 -V
+  (nice -n 10 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc) &
+  # MM_7B_TORCH=0: only write the 7B GGUF and LoRA (the torch timings of an earlier run stand)
+  step 7b_torch timeout 420 python3 bench/decode_7b.py "$([ "${MM_7B_TORCH:-1}" = 0 ] && echo write || echo torch)" \
+    --work "$W"/7b --out "$res"/7b_torch.json
+  step tiny_prepare python3 bench/tiny_gpu.py prepare --work "$W"/tiny ||
+    { rm -rf "$W"/tiny; step tiny_prepare_committed committed python3 bench/tiny_gpu.py prepare --work "$W"/tiny; }
+  wait
+  echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
+  step 7b_llama python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
+  step tiny_export env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny ||
+    step tiny_export_committed committed env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny
+  step tiny_torch-cuda python3 bench/tiny_gpu.py bench --work "$W"/tiny --row torch-cuda --out "$res"/tiny_torch-cuda.json
+  step tiny_edge-cpu env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cpu --out "$res"/tiny_edge-cpu.json
+  step tiny_edge-cuda-llm python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda-llm --out "$res"/tiny_edge-cuda-llm.json
+  ;;
+two)
+  [ -d "$W"/build/bin ] || { echo "no /tmp/mm/build: this is a fresh machine, run 'one' first"; exit 3; }
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
+  step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+  step tiny_edge-cuda python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda --out "$res"/tiny_edge-cuda.json
+  step check python3 cli.py check "$W"/tiny/bundle "$W"/tiny/vqa "$W"/tiny/caption --device cuda
+  ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two"; exit 2 ;;
+esac

@@ -1,0 +1,160 @@
+"""device="cuda": the choice, and the refusals where the CUDA build or provider is missing (never a quiet CPU run).
+
+The GPU paths themselves run in bench/gpu_kernels.sh on a lent GPU (docs/BENCHMARKS.md); here their logic
+runs on the CPU, and the tests that need CUDA skip without it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmagent.device import (DeviceError, check_onnx_session, llama_cuda_problem, onnx_providers, parse_device,
+                            require_llama_cuda)
+
+CUDA = torch.cuda.is_available()
+
+
+def test_device_names():
+    assert parse_device(None) == "cpu" and parse_device(None, default="cuda") == "cuda"
+    assert parse_device("CUDA") == "cuda" and parse_device("cuda:1") == "cuda:1" and parse_device("cpu") == "cpu"
+    for bad in ("gpu", "cuda:x", "tpu"):
+        with pytest.raises(ValueError, match="cpu` or `cuda"):
+            parse_device(bad)
+
+
+def test_llama_cpp_without_a_gpu_backend_names_the_build_to_install():
+    assert llama_cuda_problem(True, "CUDA : ARCHS = 900 |") is None
+    cpu_only = llama_cuda_problem(False, "CPU : SSE3 = 1 | AVX2 = 1 |")
+    assert "GGML_CUDA" in cpu_only and "llama-cpp-python" in cpu_only and "LLAMA_CPP_LIB_PATH" in cpu_only
+    no_gpu = llama_cuda_problem(False, "CUDA : ARCHS = 900 | CPU : AVX2 = 1 |")
+    assert "sees no CUDA GPU" in no_gpu and "CUDA_VISIBLE_DEVICES" in no_gpu
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA")
+def test_this_llama_cpp_build_is_refused_for_cuda():
+    import llama_cpp
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build offloads to a GPU")
+    with pytest.raises(DeviceError, match="llama-cpp-python"):
+        require_llama_cuda()
+
+
+def test_onnxruntime_providers_for_each_device():
+    assert onnx_providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert onnx_providers("cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == \
+        [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    with pytest.raises(DeviceError, match="onnxruntime-gpu"):
+        onnx_providers("cuda", ["CPUExecutionProvider"])
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused():
+    check_onnx_session(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda")
+    check_onnx_session(["CPUExecutionProvider"], "cpu")
+    with pytest.raises(DeviceError, match="could not\\s+start it"):
+        check_onnx_session(["CPUExecutionProvider"], "cuda")
+
+
+def test_torch_placement():
+    from mmagent.backends.torch import torch_placement
+    assert torch_placement("cpu", None) == (torch.device("cpu"), torch.float32)
+    assert torch_placement("cpu", torch.bfloat16)[1] == torch.bfloat16
+    if CUDA:
+        assert torch_placement("cuda", None) == (torch.device("cuda"), torch.bfloat16)
+    else:
+        assert torch_placement(None, None) == (torch.device("cpu"), torch.float32)
+        with pytest.raises(DeviceError, match="CUDA build\\s+of PyTorch"):
+            torch_placement("cuda", None)
+
+
+def test_quantisation_types_are_llama_cpp_s():
+    import llama_cpp
+    from mmagent.export.gguf.writer import QUANT_FTYPES
+    assert QUANT_FTYPES == {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA")
+def test_agent_and_cli_refuse_cuda_they_cannot_give(bundle, two_runs, sample_image):
+    import llama_cpp
+    from typer.testing import CliRunner
+
+    from mmagent import Agent
+    from mmagent.cli import app
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build offloads to a GPU")
+    with pytest.raises(DeviceError, match="llama-cpp-python"):
+        Agent.load(bundle, device="cuda")
+    with pytest.raises(DeviceError, match="PyTorch"):
+        Agent.load(two_runs, device="cuda")
+    result = CliRunner().invoke(app, ["chat", str(sample_image), "--model", str(bundle), "--device", "cuda"])
+    assert result.exit_code == 2 and "llama-cpp-python" in result.output
+    result = CliRunner().invoke(app, ["serve", str(bundle), "--device", "tpu"])
+    assert result.exit_code == 2 and "`cpu` or `cuda`" in result.output
+
+
+def test_static_cache_steps_match_a_full_forward():
+    """The GPU decode path's pieces, run eagerly: prefill into the static cache, then each step's logits
+    (4-D mask, explicit positions) equal a no-cache forward over the whole sequence; a decode step writes
+    the argmax as the next input and moves the position on."""
+    from mmagent.train.builtin import init_base
+    from mmagent.train.graph_decode import GraphDecoder
+    from mmagent.train.vlm import VLM
+    vlm = VLM(*init_base("tiny"))
+    decoder, embed = GraphDecoder(vlm, use_graphs=False), vlm.family.embed_tokens(vlm.base_model)
+    head, lm = vlm.family.head(vlm.base_model), vlm.family.decoder(vlm.base_model)
+    torch.manual_seed(0)
+    seq = torch.randint(0, 4000, (1, 9))
+    with torch.no_grad():
+        step = decoder._step_for(256, torch.device("cpu"))
+        step.cache.reset()
+        hidden = decoder._forward(step, embed(seq[:, :6]), torch.arange(6))
+        for n in range(6, 9):  # feed chosen tokens (an untrained model's argmax repeats itself)
+            full = head(lm(inputs_embeds=embed(seq[:, :n])).last_hidden_state[:, -1])
+            torch.testing.assert_close(head(hidden[:, -1]), full, rtol=1e-4, atol=1e-4)
+            if n < 8:
+                hidden = decoder._forward(step, embed(seq[:, n:n + 1]), torch.tensor([n]))
+        step.token.fill_(int(seq[0, 8]))
+        step.pos.fill_(8)
+        decoder._decode_step(step)
+        full = head(lm(inputs_embeds=embed(seq)).last_hidden_state[:, -1])
+    assert int(step.token) == int(full.argmax()) and int(step.pos) == 9
+
+
+@pytest.mark.slow
+def test_static_cache_steps_decode_as_the_dynamic_cache(two_runs, sample_image):
+    """The GPU decode path's steps (static cache, 4-D masks, in-place token and position), run eagerly on
+    the CPU, give the same greedy tokens as VLM.generate for every adapter, prompts of different lengths
+    reusing one cache."""
+    from PIL import Image
+
+    from mmagent.backends.torch import TorchBackend
+    from mmagent.train.graph_decode import GraphDecoder
+    backend = TorchBackend(two_runs, device="cpu")
+    image = Image.open(sample_image)
+    cases = [(None, "caption", "Describe the image."), ("vqa", "vqa", "how many circles are there?"),
+             ("caption", "caption", "Describe the image."), ("vqa", "vqa", "is there a red square on the left?")]
+
+    def answers():
+        return [backend.generate(image, q, a, k, (), 12, None, stop_at_eos=False)[0] for a, k, q in cases]
+
+    reference = answers()
+    decoder = backend.vlm.graph_decoder = GraphDecoder(backend.vlm, use_graphs=False)
+    assert answers() == reference
+    assert len(decoder.steps) == 3  # base, vqa, caption: one static cache each, reused across prompts
+    stops = []
+    backend.vlm.generate(backend.vlm.pixels([image]), [[1, 2, 3, *[backend.vlm.family.image_token_id(
+        backend.vlm.base_model)] * backend.vlm.family.n_image_tokens(backend.vlm.base_model), 4]], 10,
+        on_token=lambda step, ids: stops.append(step) or step == 2, stop_at_eos=False)
+    assert stops == [0, 1, 2]  # on_token returning True ends decoding, as in VLM.generate
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_backends_answer_as_on_the_cpu(bundle, two_runs, sample_image):  # pragma: no cover - GPU only
+    from mmagent import Agent
+    cpu, gpu = Agent.load(bundle), Agent.load(bundle, device="cuda")
+    assert gpu.backend.vision.session.get_providers()[0] == "CUDAExecutionProvider"
+    for adapter in [None, *cpu.adapters]:
+        assert gpu.ask(sample_image, "how many circles?", adapter).tokens == \
+            cpu.ask(sample_image, "how many circles?", adapter).tokens
+    torch_gpu = Agent.load(two_runs, device="cuda")
+    assert torch_gpu.backend.dtype == torch.bfloat16 and torch_gpu.ask(sample_image, "Describe it.").text
