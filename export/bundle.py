@@ -88,10 +88,9 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
         listed = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
         manifest["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in listed}
         manifest["sizes"] = {str(f.relative_to(tmp)): f.stat().st_size for f in listed}
-        if gguf and onnx:
-            from mmagent.export.selfcheck import self_check
-            say("self-check: torch model against the bundle ...")
-            manifest["selfcheck"] = self_check(backend, tmp, manifest)
+        from mmagent.export.selfcheck import self_check  # every mode: what was written is what torch runs
+        say("self-check: torch model against the bundle ...")
+        manifest["selfcheck"] = self_check(backend, tmp, manifest)
         manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         atomic_write_json(tmp / "manifest.json", manifest)
         write_bundle_card(tmp, manifest, runs, out)  # README.md: the model card, self-check figures included

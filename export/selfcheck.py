@@ -112,31 +112,142 @@ def agreement(backend, reference: list, got: list, case_list: list) -> dict:
     return {"cases": len(reference), "identical": same, "first_tokens": N_TOKENS, "examples": failures}
 
 
+def llm_outputs(bundle_dir, manifest: dict, quant: str, prompts: list, strings: list | None) -> dict:
+    """A bundle without a vision graph (`--gguf` alone), run in the child: the GGUF LLM and its LoRAs answer
+    prompts whose image rows torch computed; with `strings`, also its token ids and chat template."""
+    from mmagent.backends.edge import ChatTemplate
+    from mmagent.backends.llama_cpp import LlamaCppLM
+    from mmagent.prompt import stop_ids
+    bundle, entries = Path(bundle_dir), manifest["adapters"]
+    with LlamaCppLM(bundle / manifest["llm"][quant], n_ctx=1024) as lm:
+        for name, a in entries.items():
+            if "llm" in a["files"]:
+                lm.load_adapter(name, bundle / a["files"]["llm"])
+        greedy = []
+        for adapter, before, rows, after in prompts:
+            lm.set_adapter(adapter if adapter and "llm" in entries[adapter]["files"] else None)
+            segments = [lm.tokenize(before), rows, lm.tokenize(after)]
+            greedy.append(lm.generate(segments, N_TOKENS, stop_ids=stop_ids(manifest["prompt"]))[:N_TOKENS])
+        out = {"greedy": greedy}
+        if strings is not None:
+            out["tokens"] = [lm.tokenize(s) for s in strings]
+            out["template"] = ChatTemplate(manifest["prompt"]).apply_chat_template([{"role": "user", "content": "x"}])
+        return out
+
+
+def vision_outputs(bundle_dir, manifest: dict, images: list) -> dict:
+    """A bundle without an LLM (`--onnx` alone), run in the child: the vision graph's embeddings for the base
+    and every adapter."""
+    from mmagent.backends.edge import preprocess
+    from mmagent.backends.onnx_vision import VisionSession
+    bundle = Path(bundle_dir)
+    vision = VisionSession(bundle / manifest["vision"]["fp32"])
+    bridges = [n for n, a in manifest["adapters"].items() if "bridge" in a["files"]]
+    for name in bridges:
+        vision.load_adapter(name, bundle / manifest["adapters"][name]["files"]["bridge"])
+    pixels = np.concatenate([preprocess(im, manifest["prompt"]["image"]) for im in images])
+    said = None
+    if vision.reads_instruction:  # InstructBLIP: its Q-Former reads the instruction too (one text: no padding)
+        from mmagent.backends.edge import qformer_tokenizer
+        ids = [e.ids for e in qformer_tokenizer(bundle, manifest["prompt"]).encode_batch([PROBE_INSTRUCTION] * len(images))]
+        said = (np.array(ids, np.int64), np.ones((len(ids), len(ids[0])), np.int64))
+    return {"pixels": pixels, "vision": {a or "base": vision.run(pixels, a if a in bridges else None, said)
+                                         for a in [None, *manifest["adapters"]]}}
+
+
+def run_child(what: str, fn, bundle_dir, manifest: dict, quant: str | None, *args) -> dict:
+    from mmagent.isolate import run_isolated
+    name = Path(manifest["llm"][quant]).name if quant else Path(manifest["vision"]["fp32"]).name
+    return run_isolated(f"self-check ({what})", name, fn, str(bundle_dir), manifest, *((quant,) if quant else ()),
+                        *args, hint=crash_hint())
+
+
+def torch_prompts(backend, images, case_list) -> list[tuple]:
+    """(adapter, text before the image, image rows, text after) per case, as the edge backend builds them,
+    the rows (soft prompt + image embeddings) computed by torch."""
+    from mmagent.prompt import prompt_parts
+    out, pixels = [], backend.vlm.pixels(images)
+    for i in range(len(images)):
+        for adapter, kind, prompt in case_list:
+            record = backend.adapters.get(adapter) if adapter else None
+            instruction, text = prompt_parts(prompt, kind, record.instructions if record else {})
+            soft = record.soft_prompt if record is not None else None
+            n_soft = 0 if soft is None else soft.shape[0]
+            before, after = backend.prompt_text(record, instruction, text, n_soft).split(backend.vlm.placeholder(n_soft), 1)
+            said = backend.vlm.instruction_inputs([instruction + ("\n" + text if text else "")])
+            with torch.no_grad(), backend.using_adapter(adapter):
+                rows = backend.vlm.image_embeds(pixels[i:i + 1], None if soft is None else soft[None], said)[0]
+            out.append((adapter, before, rows.float().numpy(), after))
+    return out
+
+
+def check_merged(backend, bundle_dir, manifest: dict, images, case_list, reference) -> dict:
+    """Each merged directory, loaded by plain transformers (no PEFT), against the adapter it was merged from."""
+    from dataclasses import replace
+
+    from mmagent.backends.torch import TorchBackend
+    report = {}
+    for name, rel in manifest["merged"].items():
+        merged = TorchBackend([Path(bundle_dir) / rel], device="cpu")
+        merged.adapters[name] = replace(backend.adapters[name], lora=None)  # folded in: facts and soft prompt only
+        picked = [(i, c) for i, c in enumerate(case_list) if c[0] == name]
+        ref = [reference[k * len(case_list) + i] for k in range(len(images)) for i, _ in picked]
+        got = [merged.generate(image, prompt, adapter, kind, (), N_TOKENS, None)[0][:N_TOKENS]
+               for image in images for _, (adapter, kind, prompt) in picked]
+        report[name] = agreement(backend, ref, got, [c for _, c in picked])
+    return report
+
+
 def self_check(backend, bundle_dir, manifest) -> dict:
+    """Every part the bundle holds, checked against torch: GGUF LLM (with or without the vision graph), ONNX
+    vision graph (with or without the LLM), merged directories."""
     from mmagent.export.bundle import ExportError
     images = probe_images(backend.vlm.family.image_size(backend.vlm.base_model))
     case_list = cases(backend)
     reference = torch_greedy(backend, images, case_list)
     strings = [*PROBE_STRINGS, backend.vlm.prompt_text("Describe the image.", "", 0, [("q?", "a.")])]
-    edge = run_bundle(bundle_dir, manifest, "f16", images, case_list, strings)
-    report = {"tokenizer": check_tokenizer(backend, edge), "vision": check_vision(backend, edge, images),
-              "greedy_f16": agreement(backend, reference, edge["greedy"], case_list), "quantised": {}}
-    for q in manifest["llm"]:
-        if q != "f16":
-            got = run_bundle(bundle_dir, manifest, q, images, case_list)["greedy"]
-            report["quantised"][q] = agreement(backend, reference, got, case_list)
-    problems = []
-    if report["tokenizer"]["mismatched"] or not report["tokenizer"]["template_identical"]:
-        problems.append(f"tokenizer ids differ on {report['tokenizer']['mismatched']} "
-                        f"(template identical: {report['tokenizer']['template_identical']})")
-    worst = max(report["vision"]["max_abs_diff"].values())
-    if worst > VISION_TOL:
-        problems.append(f"ONNX image embeddings differ from torch by {worst:.2e} > {VISION_TOL:.0e}: "
-                        f"{report['vision']['max_abs_diff']}")
-    g = report["greedy_f16"]
-    if g["identical"] != g["cases"]:
-        problems.append(f"f16 GGUF greedy tokens differ from torch in {g['cases'] - g['identical']} of {g['cases']} "
-                        f"cases, e.g. {g['examples'][0]}")
+    report, llm, vision = {}, bool(manifest["llm"]), bool(manifest["vision"])
+    if llm and vision:  # the edge backend end to end
+        edge = run_bundle(bundle_dir, manifest, "f16", images, case_list, strings)
+        greedy = {q: run_bundle(bundle_dir, manifest, q, images, case_list)["greedy"] for q in manifest["llm"]
+                  if q != "f16"}
+    elif llm:  # the LLM alone, fed torch's image rows
+        prompts = torch_prompts(backend, images, case_list)
+        edge = run_child("running the bundle's f16 LLM in llama.cpp", llm_outputs, bundle_dir, manifest, "f16",
+                         prompts, strings)
+        greedy = {q: run_child(f"running the bundle's {q} LLM in llama.cpp", llm_outputs, bundle_dir, manifest, q,
+                               prompts, None)["greedy"] for q in manifest["llm"] if q != "f16"}
+    elif vision:
+        edge = run_child("running the bundle's vision graph in onnxruntime", vision_outputs, bundle_dir, manifest,
+                         None, images)
+    if llm:
+        report["tokenizer"] = check_tokenizer(backend, edge)
+        report["greedy_f16"] = agreement(backend, reference, edge["greedy"], case_list)
+        report["quantised"] = {q: agreement(backend, reference, got, case_list) for q, got in greedy.items()}
+    if vision:
+        report["vision"] = check_vision(backend, edge, images)
+    if manifest.get("merged"):
+        report["merged"] = check_merged(backend, bundle_dir, manifest, images, case_list, reference)
+    problems = check_problems(report)
     if problems:
         raise ExportError("self-check failed; the bundle was not written:\n  " + "\n  ".join(problems))
     return report
+
+
+def check_problems(report: dict) -> list[str]:
+    problems = []
+    t = report.get("tokenizer")
+    if t and (t["mismatched"] or not t["template_identical"]):
+        problems.append(f"tokenizer ids differ on {t['mismatched']} (template identical: {t['template_identical']})")
+    if "vision" in report:
+        worst = max(report["vision"]["max_abs_diff"].values())
+        if worst > VISION_TOL:
+            problems.append(f"ONNX image embeddings differ from torch by {worst:.2e} > {VISION_TOL:.0e}: "
+                            f"{report['vision']['max_abs_diff']}")
+    exact = ([("f16 GGUF", report["greedy_f16"])] if "greedy_f16" in report else []) + \
+        [(f"merged `{n}`", g) for n, g in report.get("merged", {}).items()]
+    for what, g in exact:
+        if g["identical"] != g["cases"]:
+            problems.append(f"{what} greedy tokens differ from torch in {g['cases'] - g['identical']} of {g['cases']} "
+                            f"cases, e.g. {g['examples'][0]}")
+    return problems

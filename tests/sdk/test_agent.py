@@ -32,19 +32,40 @@ def test_stream_joins_to_the_answer(agents, backend, sample_image):
     assert "".join(pieces).strip() == agent.ask(sample_image, "Describe the picture.", max_new_tokens=12).text
 
 
+PROBES = ["what shape is on the left?", "is there a circle?", "how many squares?", "Describe the picture.",
+          "what colour is the big shape?"]
+
+
+def active_adapter(backend, lane: int):
+    """The adapter the backend really has applied on `lane` (llama.cpp context / PEFT model) right now."""
+    if hasattr(backend, "lms"):
+        return backend.lms[lane].active_adapter
+    return backend.vlm.model.active_adapter
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_threads_sharing_one_agent_never_see_each_others_adapter(agents, backend, sample_image):
+def test_threads_sharing_one_agent_never_see_each_others_adapter(agents, backend, sample_image, monkeypatch):
     agent = agents[backend]
-    expected = {n: agent.ask(sample_image, "what shape is on the left?", adapter=n, max_new_tokens=6).tokens
-                for n in agent.adapters}
-    results, errors = [], []
+    answers = {(n, q): agent.ask(sample_image, q, adapter=n, max_new_tokens=8).tokens
+               for n in ("vqa", "caption") for q in PROBES}
+    probes = [q for q in PROBES if answers["vqa", q] != answers["caption", q]]
+    assert probes, "the two adapters answer every probe alike, so a mixed-up adapter could not be seen"
+    wanted, seen, errors = threading.local(), [], []
+    generate = agent.backend.generate
+
+    def recording_generate(*args, **kw):  # runs on the call's own lane: what is applied there is what it used
+        out = generate(*args, **kw)
+        seen.append((wanted.name, active_adapter(agent.backend, kw.get("lane", 0)), args[1], out[0]))
+        return out
+
+    monkeypatch.setattr(agent.backend, "generate", recording_generate)
 
     def worker(name):
+        wanted.name = name
         try:
             with agent.using(name):
-                for _ in range(4):
-                    a = agent.ask(sample_image, "what shape is on the left?", max_new_tokens=6)
-                    results.append((name, a.adapter, a.tokens))
+                for q in probes * 2:
+                    agent.ask(sample_image, q, max_new_tokens=8)
         except Exception as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
@@ -53,8 +74,8 @@ def test_threads_sharing_one_agent_never_see_each_others_adapter(agents, backend
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 16
-    assert all(used == name and tokens == expected[name] for name, used, tokens in results)
+    assert not errors and len(seen) == 8 * len(probes)
+    assert all(used == name and tokens == answers[name, q] for name, used, q, tokens in seen)
 
 
 def test_two_agents_in_one_process_keep_their_own_adapter(bundle, sample_image):
