@@ -7,6 +7,8 @@
 #                                    the tiny default: torch on CUDA, edge on the CPU, edge LLM on CUDA
 #   bash bench/gpu_kernels.sh two    (carry .cuda-ort)  onnxruntime's CUDA provider: the tiny default's edge
 #                                    backend on CUDA, and `mmagent check --device cuda`
+#   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
+#                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.
 set -uo pipefail
 root=$(pwd) W=/tmp/mm
@@ -66,5 +68,21 @@ two)
   step tiny_edge-cuda python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda --out "$res"/tiny_edge-cuda.json
   step check python3 cli.py check "$W"/tiny/bundle "$W"/tiny/vqa "$W"/tiny/caption --device cuda
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two"; exit 2 ;;
+ort)  # on its own, no llama.cpp (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort): the vision graph on CUDA
+  rm -rf "$W"/site "$W"/tiny && mkdir -p "$W"/site "$W"/cache
+  tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
+  step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+  step tiny_prepare timeout 120 python3 bench/tiny_gpu.py prepare --work "$W"/tiny
+  step tiny_export_onnx env CUDA_VISIBLE_DEVICES= timeout 90 python3 bench/tiny_gpu.py export --onnx-only --work "$W"/tiny
+  step vision timeout 60 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
+  ;;
+ort2)  # after `ort`: the bundle with merged directories instead of GGUF (no llama.cpp), then the vision bench
+  step tiny_export_merged env CUDA_VISIBLE_DEVICES= timeout 60 python3 -c "import sys; sys.path.insert(0, 'bench')
+from pathlib import Path; from mmagent.export.bundle import export_bundle; w = Path('$W/tiny')
+export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
+  step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
+  ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|ort|ort2"; exit 2 ;;
 esac

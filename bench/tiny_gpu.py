@@ -45,9 +45,9 @@ def runs(work: Path) -> list[Path]:
     return [work / "vqa", work / "caption"]
 
 
-def export(work: Path) -> None:
+def export(work: Path, gguf: bool = True) -> None:
     from mmagent.export.bundle import export_bundle
-    export_bundle(runs(work), work / "bundle", gguf=True, onnx=True, quants=("f16",), force=True)
+    export_bundle(runs(work), work / "bundle", gguf=gguf, onnx=True, quants=("f16",), force=True)
 
 
 def load(row: str, work: Path):
@@ -105,11 +105,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--row", default="edge-cuda")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--onnx-only", action="store_true", help="export: the vision graph alone (no llama.cpp needed)")
     args = ap.parse_args()
     if args.phase == "prepare":
         prepare(args.work)
     elif args.phase == "export":
-        export(args.work)
+        export(args.work, not args.onnx_only)
     else:
         res = bench(args.row, args.work)
         if args.out:

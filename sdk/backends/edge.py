@@ -73,7 +73,7 @@ class EdgeBackend:
         if is_cuda(self.device):
             require_llama_cuda()
             n_gpu_layers = -1  # llama.cpp: negative = all layers
-            providers = providers or vision_providers(self.device)
+        providers = providers or vision_providers(self.device)
         if quant not in m["llm"] or vision not in m["vision"] or vision not in ("fp32", "fp16"):
             raise BundleError(f"bundle `{bundle}` has no `{quant}` LLM and `{vision}` vision graph for the edge backend "
                               f"(LLM: {', '.join(m['llm']) or 'none'}; vision: "

@@ -15,8 +15,10 @@ class VisionSession:
     def __init__(self, onnx_path, providers=None):
         options = ort.SessionOptions()
         options.log_severity_level = 3  # else one warning per LoRA input: "initializer appears in graph inputs"
+        # The CPU unless told otherwise: with onnxruntime-gpu installed, "every available provider" would put
+        # the graph on a GPU nobody asked for (and fail where none is visible). EdgeBackend(device=...) decides.
         self.session = ort.InferenceSession(str(onnx_path), options,
-                                            providers=providers or ort.get_available_providers())
+                                            providers=providers or ["CPUExecutionProvider"])
         self.adapters: dict[str, ort.LoraAdapter] = {}
 
     def load_adapter(self, name: str, path) -> None:

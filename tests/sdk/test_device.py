@@ -53,6 +53,19 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused():
         check_onnx_session(["CPUExecutionProvider"], "cuda")
 
 
+def test_the_vision_graph_runs_on_the_cpu_unless_cuda_is_asked(tmp_path):
+    """onnxruntime-gpu lists CUDA among its providers; a session nobody asked to put on a GPU stays on the CPU."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mmagent.backends.onnx_vision import VisionSession
+    graph = helper.make_graph([helper.make_node("Identity", ["pixel_values"], ["image_embeds"])], "g",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "v.onnx")
+    assert VisionSession(tmp_path / "v.onnx").session.get_providers() == ["CPUExecutionProvider"]
+
+
 def test_torch_placement():
     from mmagent.backends.torch import torch_placement
     assert torch_placement("cpu", None) == (torch.device("cpu"), torch.float32)
