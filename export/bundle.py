@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-from mmagent.adapters import lora_modules
+from mmagent.adapters import lora_modules, model_name
 from mmagent.artifacts import BUNDLE, BUNDLE_ADAPTER_FILES, MANIFEST, RUN, kind_of
 from mmagent.bundle import SCHEMA
 from mmagent.files import atomic_dir, atomic_write_json, sha256_file
@@ -143,11 +143,9 @@ def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dic
 
 
 def _alpha_rank(backend, name: str) -> tuple[float, int]:
-    record = getattr(backend.adapters[name], "lora", None)
-    if record is not None:
-        return record.alpha, record.r
-    cfg = backend.vlm.model.peft_config[name]
-    return cfg.lora_alpha, cfg.r
+    """The adapter's own LoRA alpha and rank, from the record the backend read (never PEFT's internals)."""
+    lora = backend.adapters[name].lora
+    return lora.alpha, lora.r
 
 
 def write_mmproj_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) -> None:
@@ -169,7 +167,7 @@ def write_mmproj_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say
 def write_onnx_parts(backend, base, lora: dict, tmp: Path, manifest: dict, say) -> None:
     from mmagent.export.onnx.vision import export_vision, optimize, write_adapter
     unused = backend.vlm.family.unused_modules(backend.vlm.base_model)  # LoRA there cannot change the output
-    states = {n: {k: v for k, v in image_part.items() if not k.removeprefix("base_model.model.").startswith(unused)}
+    states = {n: {k: v for k, v in image_part.items() if not model_name(k).startswith(unused)}
               for n, (_, image_part) in lora.items()}
     modules = lora_modules(k for s in states.values() for k in s)
     ranks = [backend.adapters[n].lora.r for n, s in states.items() if s]
