@@ -53,6 +53,15 @@ one)
     { rm -rf "$W"/tiny; step tiny_prepare_committed committed python3 bench/tiny_gpu.py prepare --work "$W"/tiny; }
   wait
   echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
+  # the built libraries on a 1-layer model, CPU and GPU; if that crashes, a native backtrace (cuda-gdb debugs
+  # host code too; the image has no gdb)
+  smoke=(python3 -c "import sys, tempfile, pathlib; from mmagent.backends import llama_cpp as l
+p = pathlib.Path(tempfile.mkdtemp()) / 'probe.gguf'; l._write_probe_gguf(p)
+for layers in (0, -1):
+    with l.LlamaCppLM(p, n_ctx=32, n_threads=4, n_gpu_layers=layers, extra_buffer_types=False) as lm:
+        print('n_gpu_layers', layers, lm.next_token_logits([list(range(8))])[:3])")
+  step llama_smoke "${smoke[@]}" ||
+    step llama_backtrace cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args "${smoke[@]}"
   step 7b_llama python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
   step tiny_export env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny ||
     step tiny_export_committed committed env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny
