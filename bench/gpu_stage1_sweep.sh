@@ -31,6 +31,15 @@ if [ "${SWEEP:-1}" = 3 ]; then variants=(
   [P3_q16_bigLoRA]="--queries 16 --steps 3000 --vqa-steps 2000 --align train.loss_vocab=targets --vqa lora.r=16 'lora.llm=[\"q_proj\",\"k_proj\",\"v_proj\",\"o_proj\",\"gate_proj\",\"up_proj\",\"down_proj\"]' 'lora.bridge=[\"query\",\"key\",\"value\",\"dense\"]' 'lora.vision=[\"qkv\"]'"
   [P4_q16_1500]="--queries 16 --steps 1500 --vqa-steps 600 2000 --align train.loss_vocab=targets"
 ); fi
+if [ "${SWEEP:-1}" = 4 ]; then  # BLIP-2's contrastive first stage (recipe [contrast]) before the captions,
+  vqa="tasks.0.max_eval=600"    # then the VQA stage as recipes/vqa.toml is now
+  variants=(
+  [Q0_no_contrast_1500]="--queries 16 --steps 1500 --vqa-steps 600"
+  [Q1_contrast600_1500]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=600"
+  [Q2_contrast1500_1500]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=1500"
+  [Q3_contrast1500_800]="--queries 16 --steps 800 --vqa-steps 600 --align contrast.steps=1500"
+  [Q4_contrast3000_1500]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=3000"
+); fi
 python3 - <<'PY'  # write the worlds once, before the variants read them concurrently
 from mmagent.train.data.tasks import shapes_files
 from mmagent.train.recipe import DataSection

@@ -124,6 +124,16 @@ class TrainSection:
 
 
 @dataclass
+class ContrastSection:
+    steps: int = doc("BLIP-2's first stage before training: the ViT and Q-Former learn from image-text contrast and "
+                     "matching with hard negatives on the caption tasks, no LLM (mmagent.train.contrastive); for "
+                     "bases trained from scratch with method=full; 0 = off", 0)
+    batch_size: int = doc("image-caption pairs a step (the contrast is against the others of the batch)", 48)
+    lr: float = doc("peak learning rate (linear warm-up, then linear decay to 0)", 1e-3)
+    warmup_steps: int = doc("linear warm-up steps", 30)
+
+
+@dataclass
 class LogSection:
     tensorboard: bool = doc("also write the run's scalars (loss per task, learning rate, evaluation with its "
                             "controls) as TensorBoard event files in the run directory, as training goes: "
@@ -138,6 +148,7 @@ class Recipe:
     soft_prompt: SoftPromptSection = field(default_factory=SoftPromptSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    contrast: ContrastSection = field(default_factory=ContrastSection)
     log: LogSection = field(default_factory=LogSection)
     tasks: list[TaskSection] = field(default_factory=list)
     source: str = "<recipe>"
@@ -342,6 +353,20 @@ def semantic_problems(r: Recipe) -> list[str]:
     for part in t.parts:
         if part not in ("vision", "bridge", "llm"):
             p.append(f"`train.parts`: unknown part {part!r}; parts: vision, bridge, llm")
+    c = r.contrast
+    for name in ("steps", "warmup_steps"):
+        if getattr(c, name) < 0:
+            p.append(f"`contrast.{name}`: expected 0 or more, got {getattr(c, name)}")
+    if c.batch_size < 2:
+        p.append(f"`contrast.batch_size`: expected at least 2 (each pair is contrasted with the others), got {c.batch_size}")
+    if c.lr <= 0:
+        p.append(f"`contrast.lr`: expected a positive learning rate, got {c.lr}; try 1e-3")
+    if c.steps and not (t.method == "full" and {"vision", "bridge"} <= set(t.parts)):
+        p.append("`contrast.steps`: the contrastive stage trains the ViT and Q-Former fully; it needs "
+                 "train.method = \"full\" with \"vision\" and \"bridge\" in train.parts, or contrast.steps = 0")
+    if c.steps and not any(task.kind == "caption" for task in r.tasks):
+        p.append("`contrast.steps`: the contrastive stage learns from captions; add a [[tasks]] of kind caption "
+                 "or set contrast.steps = 0")
     if t.method == "lora" and not (r.lora.llm or r.lora.bridge or r.lora.vision or r.soft_prompt.tokens):
         p.append("`lora`: llm, bridge and vision are all empty and there is no soft prompt: nothing would train")
     if r.lora.r < 1:

@@ -120,6 +120,7 @@ class Trainer:
         self._make_trainable()
         self._set_precision()
         self.vlm.model.to(self.device)
+        self.vision_align = self._align_vision() if r.contrast.steps and not (self.resume or self.evaluate_only) else None
         self._speed_up()
         self.soft_prompt = None
         if r.soft_prompt.tokens:
@@ -136,6 +137,15 @@ class Trainer:
         if not self.evaluate_only and self.ranks.main:  # recipe.json says what this run trains with, from its start
             atomic_write_json(self.run_dir / "recipe.json", r.to_dict())
         self._print_trainable()
+
+    def _align_vision(self) -> dict:
+        """BLIP-2's first stage (recipe [contrast]) on the caption tasks, before the generative training."""
+        from mmagent.train.contrastive import align_vision
+        r = self.recipe
+        records = [rec for t in r.tasks if t.kind == "caption" for rec in self.train_records[t.name]]
+        self.console.print(f"contrastive stage: {r.contrast.steps} steps of image-text contrast and matching, no LLM")
+        return align_vision(self.vlm.model, self.vlm.tokenizer, self.vlm.image_processor, records, r.contrast,
+                            r.run.seed, self.console)
 
     def _setup_data(self) -> None:
         """Records per task; evaluation alone reads only the held-out splits."""
@@ -262,12 +272,12 @@ class Trainer:
 
     def _make_trainable(self) -> None:
         r, vlm = self.recipe, self.vlm
+        self.lora = expand_presets(r.lora, vlm.family, vlm.model)  # what the adapter records it adapts
         if r.train.method == "full":
             for n, p in vlm.model.named_parameters():
                 p.requires_grad_(ad.part_of(n, vlm.family) in r.train.parts
                                  or (ad.part_of(n, vlm.family) == "other" and "bridge" in r.train.parts))
             return
-        self.lora = expand_presets(r.lora, vlm.family, vlm.model)  # what the adapter records it adapts
         vlm.model = ad.inject_lora(vlm.model, vlm.family, self.lora, r.adapter_name)
 
     def load_adapter(self, path: Path) -> None:
@@ -540,6 +550,8 @@ class Trainer:
         if r.train.method == "lora" and r.train.eval_base:
             results["base"], results["base_protocol"] = self.evaluate_base()
         results["base_stage1"] = self.base_stage1_results()
+        if self.vision_align:
+            results["contrast"] = self.vision_align
         results["skipped_images"] = len(self.skipped)  # distinct images
         results["steps"] = self.step  # what --resume calls finished (mmagent.train.rundir)
         results["trainable"] = {name: [n, total] for name, n, total in
