@@ -154,14 +154,27 @@ def base_build(name: str = typer.Argument("tiny", help="tiny | smol")):
 
 @app.command()
 def export(runs: list[Path] = typer.Argument(..., help="run directories (or adapter folders) on one base"),
-           out: Path = typer.Option(..., "-o", "--out", help="bundle directory to write"),
+           out: Optional[Path] = typer.Option(None, "-o", "--out", help="bundle directory to write"),
+           into: Optional[Path] = typer.Option(None, "--into", help="add the runs' adapters to this existing "
+                                               "bundle (same base; self-checked; nothing else rewritten)"),
            gguf: bool = typer.Option(False, "--gguf", help="LLM + task LoRAs as GGUF for llama.cpp"),
            onnx: bool = typer.Option(False, "--onnx", help="vision + Q-Former + task LoRAs as ONNX"),
            quant: list[str] = typer.Option(["f16"], "--quant", help="f16 | q8_0 | q4_k_m (repeatable)"),
            merged: bool = typer.Option(False, "--merged", help="also write merged HF directories"),
            force: bool = typer.Option(False, "--force", help="replace an existing bundle")):
-    """Export runs to one edge bundle that carries every adapter and checks itself against torch."""
-    from mmagent.export.bundle import export_bundle
+    """Export runs to one edge bundle that carries every adapter and checks itself against torch, or add
+    their adapters to an existing bundle (--into), which a running `mmagent serve` can then load."""
+    from mmagent.export.bundle import add_to_bundle, export_bundle
+    if (out is None) == (into is None):
+        fail(ValueError("give either -o DIR (a new bundle) or --into BUNDLE (add adapters to an existing one)"))
+    if into is not None:
+        if merged or force:
+            fail(ValueError("--into adds adapters in the bundle's own formats; --merged and --force apply to -o"))
+        try:
+            add_to_bundle(runs, into, console)
+        except USER_ERRORS as e:
+            fail(e)
+        return
     if not (gguf or onnx or merged):
         fail(ValueError("choose at least one of --gguf, --onnx, --merged (an edge bundle is --gguf --onnx)"))
     try:

@@ -9,8 +9,12 @@ appears in one rename after the self-check passes.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from mmagent.adapters import lora_modules, model_name
@@ -258,6 +262,128 @@ def _describe_run(path: Path) -> dict:
             adapters[d.name] = read_meta(d)
         except ValueError as e:
             problems.append(str(e))
+
+
+# ---- adding adapters to an existing bundle (`mmagent export RUN --into BUNDLE`) ------------------------------
+
+def add_to_bundle(runs: list[Path], bundle: Path, console=None) -> dict:
+    """Add the runs' task adapters to an existing bundle, which may be serving: the bundle is verified, the
+    runs' base must be the bundle's (fingerprint), the new adapters are written beside it, self-checked
+    against torch with the bundle's own LLM and vision graph, moved into `adapters/<name>/`, and then the
+    manifest is replaced in one rename. No other file is rewritten. Returns the new manifest."""
+    from mmagent.backends.torch import TorchBackend
+    from mmagent.bundle import verify
+    from mmagent.export.selfcheck import self_check
+    bundle = Path(bundle)
+    say = console.print if console else (lambda *a, **k: None)
+    start = time.perf_counter()
+    with _bundle_lock(bundle):
+        manifest = verify(bundle)  # every file and its sha256: only a sound bundle is added to
+        backend = TorchBackend(runs, device="cpu")
+        check_addable(backend, manifest, bundle)
+        stage = _staging(bundle)
+        try:
+            added = write_added_adapters(backend, manifest, bundle, stage, say)
+            candidate = with_adapters(manifest, added, bundle, stage, staged=True)
+            say("self-check: torch model against the bundle with the new adapter(s) ...")
+            report = self_check(backend, bundle, candidate)
+            for name in added:
+                os.replace(stage / "adapters" / name, bundle / "adapters" / name)
+            final = with_adapters(manifest, added, bundle, stage, staged=False)
+            for name in added:
+                final["adapters"][name]["selfcheck"] = report
+                final["adapters"][name]["added_seconds"] = round(time.perf_counter() - start, 1)
+            atomic_write_json(bundle / MANIFEST, final)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    say(f"added {', '.join(f'[bold]{n}[/]' for n in added)} to {bundle} in {time.perf_counter() - start:.1f} s")
+    return final
+
+
+def check_addable(backend, manifest: dict, bundle: Path) -> None:
+    """The same base, new names, and every adapted part carried by what the bundle already has."""
+    problems = []
+    ours, theirs = manifest["base"]["fingerprint"], backend.base_info["fingerprint"]
+    if ours != theirs:
+        problems.append(f"the runs were trained on base {backend.base_info['ref']} ({theirs}), the bundle holds "
+                        f"{manifest['base']['ref']} ({ours}); train on the bundle's base, or export a new bundle")
+    graph = set(manifest["vision"].get("lora_modules", []))
+    for name, a in backend.adapters.items():
+        if name in manifest["adapters"]:
+            problems.append(f"the bundle already has an adapter `{name}`; train the run under another name "
+                            "(`run.adapter=NAME`), or export a new bundle")
+        elif (bundle / "adapters" / name).exists():
+            problems.append(f"`{bundle / 'adapters' / name}` exists but the manifest does not list it; remove it")
+        llm_part, image_part = split_parts(a.lora, backend.vlm.family)
+        if llm_part and "f16" not in manifest["llm"]:
+            problems.append(f"adapter `{name}` adapts the LLM, but the bundle has no GGUF LLM to carry it")
+        missing = sorted(set(lora_modules(image_part)) - graph)
+        if missing:
+            problems.append(f"adapter `{name}` has LoRA on {', '.join(missing)}, which the bundle's vision graph has "
+                            f"no LoRA inputs for (it has: {', '.join(sorted(graph)) or 'none'}); export a new "
+                            "bundle from all the runs")
+    if problems:
+        raise ExportError(f"cannot add to `{bundle}`:\n  " + "\n  ".join(problems))
+
+
+def write_added_adapters(backend, manifest: dict, bundle: Path, stage: Path, say) -> dict:
+    """Each adapter's files under `stage/adapters/<name>/`; returns their manifest entries (paths as final)."""
+    from mmagent.export.gguf.writer import write_lora_gguf
+    from mmagent.export.onnx.vision import write_adapter
+    family = backend.vlm.family
+    entries = {"adapters": {}}
+    for name, a in backend.adapters.items():
+        say(f"adapter {name}: LLM LoRA as GGUF, image-path LoRA as an onnxruntime adapter ...")
+        llm_part, image_part = split_parts(a.lora, family)
+        (stage / "adapters" / name).mkdir(parents=True, exist_ok=True)
+        if llm_part:
+            write_lora_gguf(llm_part, a.lora.alpha, adapter_file(stage, name, "llm"),
+                            config=family.causal_lm(backend.vlm.base_model).config, prefix=family.gguf_prefix())
+        if image_part:
+            try:
+                write_adapter(image_part, a.lora.alpha, a.lora.r, adapter_file(stage, name, "bridge"),
+                              onnx_path=bundle / manifest["vision"]["fp32"])
+            except ValueError as e:
+                raise ExportError(f"adapter `{name}` does not fit the bundle's vision graph: {e}") from e
+    write_adapter_meta(backend, stage, entries)
+    return entries["adapters"]
+
+
+def with_adapters(manifest: dict, added: dict, bundle: Path, stage: Path, staged: bool) -> dict:
+    """The manifest plus the added entries and their files' sha256 and sizes; `staged`: paths into `stage`."""
+    import copy
+    m = copy.deepcopy(manifest)
+    prefix = f"{stage.name}/" if staged else ""
+    for name, entry in added.items():
+        entry = copy.deepcopy(entry)
+        entry["files"] = {k: prefix + rel for k, rel in entry["files"].items()}
+        m["adapters"][name] = entry
+        for rel in entry["files"].values():
+            f = (stage if staged else bundle) / rel.removeprefix(prefix)
+            m["files"][rel], m.setdefault("sizes", {})[rel] = sha256_file(f), f.stat().st_size
+    return m
+
+
+def _staging(bundle: Path) -> Path:
+    from mmagent.files import clean_stale_staging
+    clean_stale_staging(bundle / "adapters-added")  # what a killed `--into` left
+    return Path(tempfile.mkdtemp(dir=bundle, prefix=f".adapters-added.{os.getpid()}.", suffix=".tmp"))
+
+
+@contextmanager
+def _bundle_lock(bundle: Path):
+    """One `--into` at a time per bundle: an flock on the bundle directory itself (no file added)."""
+    import fcntl
+    fd = os.open(bundle, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"another `mmagent export --into {bundle}` is adding to this bundle; wait for it") \
+                from None
+        yield
+    finally:
+        os.close(fd)
     if (path / "results.json").exists():
         try:
             results = json.loads((path / "results.json").read_text())

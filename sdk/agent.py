@@ -61,7 +61,9 @@ class Agent:
         for lane in range(self.lanes):
             self._free_lanes.put(lane)
         self._in_use: Counter[str] = Counter()  # adapter -> calls running on it
-        self._leaving: set[str] = set()  # unloaded, freed when their last call ends
+        self._leaving: set[str] = set()  # unloaded, freed when their last call ends (a load revives them)
+        self._freeing: set[str] = set()  # being freed now
+        self._freed = threading.Condition(self._lock)
 
     @classmethod
     def load(cls, path, backend: str = "auto", **options) -> "Agent":
@@ -94,7 +96,7 @@ class Agent:
     @property
     def adapters(self) -> list[str]:
         with self._lock:
-            return [n for n in list(self.backend.adapters) if n not in self._leaving]
+            return [n for n in list(self.backend.adapters) if n not in self._leaving | self._freeing]
 
     def available_adapters(self) -> list[str]:
         """Adapters `load_adapter` can load: a bundle's, as its manifest lists them now (`mmagent export RUN
@@ -104,31 +106,43 @@ class Agent:
     def load_adapter(self, name: str) -> None:
         """Load task adapter `name` (by name only: a bundle's adapter is verified against its manifest first)
         while other calls run."""
-        with self._admin:
-            with self._lock:
-                if name in self._leaving:
-                    raise AdapterBusy(f"adapter `{name}` is being unloaded: calls that started on it are still "
-                                      "running; load it again when they have finished")
-                if name in self.backend.adapters:
-                    raise AdapterBusy(f"adapter `{name}` is already loaded")
-            with self._every_lane():
-                self.backend.load_adapter(name)
+        with self._lock:
+            if name in self._leaving:  # unloaded, but calls on it still run: it is still in memory
+                self._leaving.discard(name)
+                return
+            if not self._freed.wait_for(lambda: name not in self._freeing, timeout=60):
+                raise AdapterBusy(f"adapter `{name}` is still being freed; try again")
+            if name in self.backend.adapters:
+                raise AdapterBusy(f"adapter `{name}` is already loaded")
+        with self._admin, self._every_lane():
+            self.backend.load_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
         """Stop routing to adapter `name` now; its memory is freed when the calls that started on it end."""
         with self._lock:
-            if name not in self.backend.adapters or name in self._leaving:
+            if name not in self.adapters:
                 raise KeyError(f"no adapter `{name}` is loaded; loaded: {', '.join(self.adapters) or 'none'}")
             self._leaving.add(name)
-            now = self._in_use[name] == 0
+            now = self._start_freeing(name)
         if now:
             self._free_adapter(name)
 
+    def _start_freeing(self, name: str) -> bool:
+        """Under the lock: whether `name` is leaving and no call runs on it, so it is to be freed now."""
+        if name not in self._leaving or self._in_use[name] > 0:
+            return False
+        self._leaving.discard(name)
+        self._freeing.add(name)
+        return True
+
     def _free_adapter(self, name: str) -> None:
-        with self._admin, self._every_lane():
-            self.backend.unload_adapter(name)
-        with self._lock:
-            self._leaving.discard(name)
+        try:
+            with self._admin, self._every_lane():
+                self.backend.unload_adapter(name)
+        finally:
+            with self._lock:
+                self._freeing.discard(name)
+                self._freed.notify_all()
 
     @contextmanager
     def _every_lane(self, always: bool = False):
@@ -146,7 +160,8 @@ class Agent:
     def _claim(self, instruction: str, adapter: str | None) -> Route:
         """Route among the loaded adapters and count the call on the chosen one until `_release`."""
         with self._lock:
-            live = {n: list(a.kinds) for n, a in dict(self.backend.adapters).items() if n not in self._leaving}
+            gone = self._leaving | self._freeing
+            live = {n: list(a.kinds) for n, a in dict(self.backend.adapters).items() if n not in gone}
             r = self._route(instruction, adapter, live)
             if r.adapter is not None:
                 self._in_use[r.adapter] += 1
@@ -157,10 +172,10 @@ class Agent:
             return
         with self._lock:
             self._in_use[adapter] -= 1
-            last = self._in_use[adapter] <= 0
-            if last:
+            if self._in_use[adapter] <= 0:
                 del self._in_use[adapter]
-        if last and adapter in self._leaving:
+            now = self._start_freeing(adapter)
+        if now:
             self._free_adapter(adapter)
 
     def adapter_info(self, name: str) -> AdapterInfo:

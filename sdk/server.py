@@ -256,6 +256,7 @@ def create_app(agent, settings: Settings | None = None):
 
     app = FastAPI(title="mmagent", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lanes = lanes
+    app.add_middleware(Gate, api_key=settings.api_key)  # request ids, the key, the log line
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, e: RequestError):
@@ -487,8 +488,7 @@ def server(agent, host: str = "127.0.0.1", port: int = 8000, settings: Settings 
     and finishes the requests in flight (waiting up to `graceful_s`, forever when None)."""
     import uvicorn
     settings = settings or Settings()
-    app = Gate(create_app(agent, settings), settings.api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+    config = uvicorn.Config(create_app(agent, settings), host=host, port=port, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=graceful_s, timeout_keep_alive=5)
     return uvicorn.Server(config)
 
