@@ -137,7 +137,7 @@ def _cell(text) -> str:
 def _references(refs: list[str]) -> str:
     """Distinct references, most frequent first, with their count when one repeats (VQA's ten answers)."""
     from collections import Counter
-    return "<br>".join(f"{r} (x{n})" if n > 1 else r for r, n in Counter(refs).most_common())
+    return "<br>".join(_cell(r.replace("\n", "; ")) + (f" (x{n})" if n > 1 else "") for r, n in Counter(refs).most_common())
 
 
 def write_gallery(run_dir: Path, results: dict, thumb: int = 160) -> Path | None:

@@ -174,14 +174,16 @@ def test_a_run_plots_its_per_task_losses_and_evaluations_and_logs_them_to_tensor
     entries = read_metrics(multitask_run / "metrics.jsonl")
     results = json.loads((multitask_run / "results.json").read_text())
     train = [e for e in entries if "loss" in e]
-    assert [e["step"] for e in train] == [1, 2, 3, 4, 5, 6] and all(set(e["task_loss"]) == set(TASKS) for e in train)
+    assert [e["step"] for e in train] == [1, 2, 3, 4, 5, 6]
+    assert set().union(*(e["task_loss"] for e in train)) == set(TASKS)  # a 4-example step may hold one task only
     assert [e["step"] for e in entries if "eval" in e] == [3, 6]  # every eval_every, and the final one
 
     loss = lines_of(multitask_run / "plots/loss.png")
     tb = event_scalars(multitask_run)
     for task in TASKS:
-        assert loss[f"{task} (raw)"]["y"] == [e["task_loss"][task] for e in train]
-        assert [v for _, v in tb[f"train/loss/{task}"]] == pytest.approx([e["task_loss"][task] for e in train])
+        logged = [(e["step"], e["task_loss"][task]) for e in train if task in e["task_loss"]]
+        assert list(zip(loss[f"{task} (raw)"]["x"], loss[f"{task} (raw)"]["y"])) == logged
+        assert tb[f"train/loss/{task}"] == [(s, pytest.approx(v)) for s, v in logged]
     vqa = lines_of(multitask_run / "plots/eval_vqa.png")
     final = results["adapter"]["vqa"]
     assert vqa["right image"]["x"] == [3, 6] and vqa["right image"]["y"][-1] == final["vqa_accuracy"]
@@ -190,11 +192,23 @@ def test_a_run_plots_its_per_task_losses_and_evaluations_and_logs_them_to_tensor
     assert tb["eval/caption/cider/right"][-1] == (6, pytest.approx(results["adapter"]["caption"]["cider"]))
 
 
-def card_scores(card: str) -> dict[tuple[str, str], list[str]]:
-    """(task, split) -> the row's cells, from the card's held-out table."""
-    section = card.split("## Held-out results")[1]
-    rows = [ln.strip("|").split("|") for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln]
-    return {(r[0].strip(), r[1].strip()): [c.strip() for c in r] for r in rows[1:]}
+def card_scores(card: str, heading: str = "## Held-out results") -> dict[tuple[str, str], list[str]]:
+    """(task, split) -> the row's cells, from the first table after `heading`."""
+    lines = card.split(heading, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| task |")) + 2  # past the head and |---|
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip().strip("|").split("|")])
+    return {(r[0], r[1]): r for r in rows}
+
+
+def expected_cells(m: dict) -> list[str]:
+    """right, shuffled, blank, gain as results.json holds them (caption controls hold every score)."""
+    key = "vqa_accuracy" if "vqa_accuracy" in m else "cider"
+    ctl = [m[f"{c}_image"][key] if isinstance(m[f"{c}_image"], dict) else m[f"{c}_image"] for c in ("shuffled", "blank")]
+    return [f"{m[key]:.1f}", f"{ctl[0]:.1f}", f"{ctl[1]:.1f}", f"{m['image_gain']:+.1f}"]
 
 
 @pytest.mark.slow
@@ -203,14 +217,11 @@ def test_the_model_card_numbers_are_results_json(multitask_run):
     card = (multitask_run / "README.md").read_text()
     results = json.loads((multitask_run / "results.json").read_text())
     rows = card_scores(card)
-    vqa, cap = results["adapter"]["vqa"], results["adapter"]["caption"]
-    assert rows[("vqa", "held-out")][3:8] == [f"{vqa['vqa_accuracy']:.1f}", f"{vqa['shuffled_image']:.1f}",
-                                             f"{vqa['blank_image']:.1f}", f"{vqa['image_gain']:+.1f}",
-                                             f"{results['base']['vqa']['vqa_accuracy']:.1f}"]
-    assert rows[("caption", "held-out")][3:6] == [f"{cap['cider']:.1f}", f"{cap['shuffled_image']['cider']:.1f}",
-                                                 f"{cap['blank_image']['cider']:.1f}"]
-    comp = results["adapter_compositional"]["vqa"]
-    assert rows[("vqa", "unseen pairs")][3] == f"{comp['vqa_accuracy']:.1f}"
+    for task in TASKS:
+        assert rows[(task, "held-out")][3:7] == expected_cells(results["adapter"][task])
+        assert rows[(task, "unseen pairs")][3:7] == expected_cells(results["adapter_compositional"][task])
+    assert rows[("vqa", "held-out")][7] == f"{results['base']['vqa']['vqa_accuracy']:.1f}"
+    assert rows[("caption", "held-out")][7] == f"{results['base']['caption']['cider']:.1f}"
 
     base = json.loads((multitask_run / "base.json").read_text())
     assert f"`{base['fingerprint']}`" in card and "q_proj, v_proj" in card and "query, value" in card
@@ -258,7 +269,7 @@ def test_mmagent_report_regenerates_a_run_and_puts_runs_side_by_side(multitask_r
     assert "plots/eval_caption.png" in (tmp_path / "cmp/report.md").read_text()
 
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
-    assert missing.exit_code == 2 and "does not exist" in missing.output
+    assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())  # rich wraps lines
 
 
 @pytest.mark.slow
@@ -273,7 +284,9 @@ def test_a_bundle_carries_a_model_card_with_its_self_check_and_its_runs_scores(b
     assert f"`{manifest['base']['fingerprint']}`" in card
     for run in two_runs:
         results = json.loads((run / "results.json").read_text())
+        rows = card_scores(card, f"### {run.name} (run `{run}`)")
         for task, m in results["adapter"].items():
-            key = "vqa_accuracy" if "vqa_accuracy" in m else "cider"
-            assert f"| {task} | held-out | " in card and f"| {m[key]:.1f} |" in card
+            assert rows[(task, "held-out")][3:7] == expected_cells(m)
+        for task, m in results["adapter_compositional"].items():
+            assert rows[(task, "unseen pairs")][3:7] == expected_cells(m)
     assert f'Agent.load("{bundle}")' in card and "llama-cli -m" in card
