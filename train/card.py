@@ -151,7 +151,19 @@ def selfcheck_lines(sc: dict) -> list[str]:
     return lines
 
 
-def bundle_card(bundle: Path, manifest: dict, runs: list[Path]) -> str:
+def score_sections(card: str) -> dict[str, list[str]]:
+    """Adapter name -> its `### name` section under a card's held-out results (the lines, heading first)."""
+    body = card.split("\n## Held-out results\n", 1)[-1].split("\n## ", 1)[0] if "## Held-out results" in card else ""
+    sections: dict[str, list[str]] = {}
+    for part in body.split("\n### ")[1:]:
+        lines = ("### " + part).rstrip("\n").splitlines()
+        sections[part.split()[0]] = lines
+    return sections
+
+
+def bundle_card(bundle: Path, manifest: dict, runs: list[Path], previous: str | None = None) -> str:
+    """`previous`: the bundle's card before adapters were added to it; the scores of adapters whose runs are
+    not among `runs` are kept from it."""
     sizes = manifest.get("sizes", {})
     by_adapter = {}  # adapter name -> (run directory, its results)
     for run in filter(None, map(run_of, runs)):
@@ -169,25 +181,41 @@ def bundle_card(bundle: Path, manifest: dict, runs: list[Path]) -> str:
     lines += [f"| vision + bridge ONNX {v} | {manifest['vision'][v]} | {sizes.get(manifest['vision'][v], 0) / 1e6:.1f} MB |"
               for v in ("fp32", "fp16") if v in manifest.get("vision", {})]
     lines += ["", "## Adapters", "", *ADAPTER_HEAD]
+    earlier_rows = [ln for ln in (previous or "").split("\n## Adapters\n", 1)[-1].split("\n## ", 1)[0].splitlines()
+                    if previous and ln.startswith("| ")]
     for name in names:
         run, results = by_adapter.get(name, (None, {}))
+        kept = [ln for ln in earlier_rows if ln.startswith(f"| {name} | ")]
+        if run is None and kept:  # added before (`--into`): its rows as the card had them
+            lines += kept
+            continue
         meta = _read(run / "adapters" / name / "mmagent_adapter.json") if run else {}
         meta = meta or {"parts": {p: [] for p in manifest["adapters"][name]["parts"]},
                         "soft_prompt_tokens": manifest["adapters"][name].get("soft_prompt_tokens", 0)}
         lines += adapter_rows(name, meta, results.get("trainable", {}), run / "adapters" / name if run else None)
     lines += ["", "## Held-out results", "", "From the runs this bundle was exported from (their results.json)."]
+    earlier = score_sections(previous or "")
     for name in names:
         run, results = by_adapter.get(name, (None, {}))
+        if run is None and name in earlier:  # added before (`--into`): its section as the card had it
+            lines += ["", *earlier[name]]
+            continue
         lines += ["", f"### {name}" + (f" (run `{run}`)" if run else ""), "",
                   *(scores_section(results) if run else ["The run's results were not available at export."])]
     lines += ["", "## Self-check", "", "The export ran the bundle against the torch model before the bundle "
-              "appeared:", "", *selfcheck_lines(manifest.get("selfcheck", {})),
-              "", "## Use it", "", *usage_lines(str(bundle), names[0] if names else "vqa", bundle=True)]
+              "appeared:", "", *selfcheck_lines(manifest.get("selfcheck", {}))]
+    for name in names:  # adapters added later (`mmagent export RUN --into BUNDLE`) were checked on their own
+        if manifest["adapters"][name].get("selfcheck"):
+            lines += ["", f"`{name}`, added later, was checked with the bundle's own LLM and vision graph:", "",
+                      *selfcheck_lines(manifest["adapters"][name]["selfcheck"])]
+    lines += ["", "## Use it", "", *usage_lines(str(bundle), names[0] if names else "vqa", bundle=True)]
     return "\n".join(lines) + "\n"
 
 
 def write_bundle_card(staging: Path, manifest: dict, runs: list[Path], final: Path | None = None) -> Path:
-    """README.md in a bundle being written (`staging`); commands name `final`, where it will be."""
+    """README.md in a bundle being written (`staging`), or rewritten after adapters were added to it (the
+    card there keeps the scores of the adapters exported before); commands name `final`, where it will be."""
     path = Path(staging) / "README.md"
-    atomic_write_bytes(path, bundle_card(Path(final or staging), manifest, runs).encode())
+    previous = path.read_text() if path.is_file() else None
+    atomic_write_bytes(path, bundle_card(Path(final or staging), manifest, runs, previous).encode())
     return path

@@ -290,3 +290,33 @@ def test_a_bundle_carries_a_model_card_with_its_self_check_and_its_runs_scores(b
         for task, m in results["adapter_compositional"].items():
             assert rows[(task, "unseen pairs")][3:7] == expected_cells(m)
     assert f'Agent.load("{bundle}")' in card and "llama-cli -m" in card
+
+
+def fake_run(root: Path, name: str, acc: float) -> Path:
+    run = root / name
+    (run / "adapters" / name).mkdir(parents=True)
+    (run / "adapters" / name / "mmagent_adapter.json").write_text(json.dumps(
+        {"task": name, "kinds": ["vqa"], "parts": {"llm": ["q_proj", "v_proj"]}, "soft_prompt_tokens": 0}))
+    (run / "results.json").write_text(json.dumps({"adapter": {"vqa": vqa_metrics(acc)},
+                                                  "trainable": {"llm": [1234, 99999]}}))
+    return run
+
+
+def test_a_bundle_card_rewritten_after_an_adapter_is_added_keeps_the_earlier_adapters_numbers(tmp_path):
+    from mmagent.train.card import write_bundle_card
+    check = {"cases": 4, "identical": 3, "first_tokens": 8}
+    manifest = {"family": "blip2", "base": {"ref": "builtin:tiny", "fingerprint": "abc123"}, "llm": {"f16": "llm.f16.gguf"},
+                "vision": {}, "sizes": {"llm.f16.gguf": 2_000_000}, "selfcheck": {"greedy_f16": check},
+                "adapters": {"first": {"parts": ["llm"], "soft_prompt_tokens": 0}}}
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    write_bundle_card(bundle, manifest, [fake_run(tmp_path, "first", 61.0)])
+    manifest["adapters"]["second"] = {"parts": ["llm"], "soft_prompt_tokens": 0,
+                                      "selfcheck": {"greedy_f16": {**check, "identical": 4}}}
+    write_bundle_card(bundle, manifest, [fake_run(tmp_path, "second", 72.0)])  # what `--into` does
+    card = (bundle / "README.md").read_text()
+    assert card_scores(card, "### first")[("vqa", "held-out")][3] == "61.0"  # kept from the card before
+    assert card_scores(card, "### second")[("vqa", "held-out")][3] == "72.0"
+    assert "| first | LLM | q_proj, v_proj | 1,234 |" in card and "| second | LLM | q_proj, v_proj | 1,234 |" in card
+    assert "| f16 GGUF greedy tokens identical to torch | 3/4 cases" in card
+    assert "`second`, added later" in card and "| f16 GGUF greedy tokens identical to torch | 4/4 cases" in card
