@@ -133,7 +133,7 @@ class Trainer:
         self.step, self.position = 0, 0
         if self.resume:
             self._resume()
-        self.board = TensorBoardLog(self.run_dir, self.step) if tensorboard else None
+        self.board = TensorBoardLog(self.run_dir, self.step) if tensorboard and self.ranks.main else None
         if not self.evaluate_only and self.ranks.main:  # recipe.json says what this run trains with, from its start
             atomic_write_json(self.run_dir / "recipe.json", r.to_dict())
         self._print_trainable()
