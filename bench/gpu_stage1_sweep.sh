@@ -40,6 +40,13 @@ if [ "${SWEEP:-1}" = 4 ]; then  # BLIP-2's contrastive first stage (recipe [cont
   [Q3_contrast1500_800]="--queries 16 --steps 800 --vqa-steps 600 --align contrast.steps=1500"
   [Q4_contrast3000_1500]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=3000"
 ); fi
+if [ "${SWEEP:-1}" = 5 ]; then  # world v5: a caption that counts every shape, zeros included
+  vqa="tasks.0.max_eval=600"
+  variants=(
+  [R0_world5_1500]="--queries 16 --steps 1500 --vqa-steps 600"
+  [R1_world5_contrast1000_1500]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=1000"
+  [R2_world5_2000]="--queries 16 --steps 2000 --vqa-steps 600"
+); fi
 python3 - <<'PY'  # write the worlds once, before the variants read them concurrently
 from mmagent.train.data.tasks import shapes_files
 from mmagent.train.recipe import DataSection
