@@ -35,7 +35,7 @@ COLUMNS = ("left", "middle", "right")
 ROWS = ("top", "middle", "bottom")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 SPLITS = {"train": "train2014", "val": "val2014", "comp": "valcomp2014"}
-WORLD_VERSION = 5  # bump when the generator's output changes, so cached worlds are rewritten
+WORLD_VERSION = 6  # bump when the generator's output changes, so cached worlds are rewritten
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,13 @@ def _count_phrase(n: int, colour: str | None, kind: str) -> str:
     return " ".join(words)
 
 
-def _shape_counts(scene: list[Shape], world: str) -> str:
-    """"0 circles, 2 squares and 1 triangle": every shape of the world counted, absent ones as 0.
+def _inventory(scene: list[Shape], pairs: list[tuple[str, str]], world: str) -> str:
+    """"red circle: 2" a line per colour x shape, then "squares: 0" for each shape the scene lacks.
 
-    Without it no caption says "0", and a language model trained from scratch on captions never learns to
-    produce the most common answer to "how many ...?" (measured: it gave "0" 2% of the probability)."""
-    counted = [f"{n} {k}{'' if n == 1 else 's'}" for k in WORLDS[world][0] for n in [sum(s.kind == k for s in scene)]]
-    return ", ".join(counted[:-1]) + " and " + counted[-1]
+    Without the zeros no caption says "0", and a language model trained from scratch on captions never
+    learns the most common answer to "how many ...?" (measured: it gave "0" 2% of the probability)."""
+    lines = [f"{c} {k}: {sum((s.colour, s.kind) == (c, k) for s in scene)}" for c, k in pairs]
+    return "\n".join(lines + [f"{k}s: 0" for k in WORLDS[world][0] if all(s.kind != k for s in scene)])
 
 
 def captions(scene: list[Shape], rng: random.Random, world: str = "base") -> list[str]:
@@ -126,9 +126,9 @@ def captions(scene: list[Shape], rng: random.Random, world: str = "base") -> lis
     out = [
         f"{listing}.",
         f"a picture of {counts}.",
-        f"{n} shape{'s' if n > 1 else ''}: {_shape_counts(scene, world)}.",  # zero counts too
+        f"{n} shape{'s' if n > 1 else ''}: {listing}.",
         "\n".join(f"{s.colour} {s.kind} {s.place}" for s in scene),  # one object a line
-        "\n".join(f"{c} {k}: {sum((s.colour, s.kind) == (c, k) for s in scene)}" for c, k in pairs),  # inventory
+        _inventory(scene, pairs, world),  # counts, zeros included
     ]
     rng.shuffle(out)
     return out
