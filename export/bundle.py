@@ -25,7 +25,6 @@ from mmagent.train.card import write_bundle_card
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBLIP's, in the bundle as in its checkpoint
-QFORMER_TOKENIZER = "qformer_tokenizer"  # InstructBLIP's, in the bundle as in its checkpoint
 
 
 class ExportError(ValueError):
@@ -67,12 +66,6 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
     # adapter name -> (LLM LoRA tensors, image-path LoRA tensors), from the records the backend read once
     lora = {n: split_parts(a.lora, backend.vlm.family) for n, a in backend.adapters.items()}
     check_carried(backend, lora, gguf, onnx, merged)
-    if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
-        from mmagent.export.gguf.writer import check_llama_cpp_support
-        check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
-    if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
-        from mmagent.export.gguf.writer import check_llama_cpp_support
-        check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
     if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
         from mmagent.export.gguf.writer import check_llama_cpp_support
         check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
@@ -223,8 +216,6 @@ def write_tokenizer(backend, tmp: Path) -> None:
     backend.vlm.image_processor.save_pretrained(tmp / "tokenizer")
     if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP: the edge backend tokenises the instruction
         backend.vlm.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER)
-    if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP: the edge backend tokenises the instruction
-        backend.vlm.qformer_tokenizer.save_pretrained(tmp / QFORMER_TOKENIZER)
 
 
 def describe(path: Path) -> dict:
@@ -262,6 +253,15 @@ def _describe_run(path: Path) -> dict:
             adapters[d.name] = read_meta(d)
         except ValueError as e:
             problems.append(str(e))
+    if (path / "results.json").exists():
+        try:
+            results = json.loads((path / "results.json").read_text())
+        except json.JSONDecodeError as e:
+            problems.append(f"`{path / 'results.json'}` is not valid JSON ({e})")
+    if problems:
+        raise DamagedBundle(path, problems, what="run directory",
+                            fix="restore the missing files, or train the run again")
+    return {"kind": "run", "adapters": adapters, "results": results}
 
 
 # ---- adding adapters to an existing bundle (`mmagent export RUN --into BUNDLE`) ------------------------------
@@ -384,12 +384,3 @@ def _bundle_lock(bundle: Path):
         yield
     finally:
         os.close(fd)
-    if (path / "results.json").exists():
-        try:
-            results = json.loads((path / "results.json").read_text())
-        except json.JSONDecodeError as e:
-            problems.append(f"`{path / 'results.json'}` is not valid JSON ({e})")
-    if problems:
-        raise DamagedBundle(path, problems, what="run directory",
-                            fix="restore the missing files, or train the run again")
-    return {"kind": "run", "adapters": adapters, "results": results}

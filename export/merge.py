@@ -16,8 +16,5 @@ def merge_adapter(backend, name: str, out: Path) -> None:
     if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP reads the instruction with its own tokenizer
         from mmagent.train.families.instructblip import QFORMER_TOKENIZER
         backend.vlm.qformer_tokenizer.save_pretrained(out / QFORMER_TOKENIZER)
-    if backend.vlm.qformer_tokenizer is not None:  # InstructBLIP reads the instruction with its own tokenizer
-        from mmagent.train.families.instructblip import QFORMER_TOKENIZER
-        backend.vlm.qformer_tokenizer.save_pretrained(out / QFORMER_TOKENIZER)
     if adapter.soft_prompt is not None:  # a soft prompt cannot be folded into weights: it travels beside them
         save_soft_prompt(out, adapter.soft_prompt)

@@ -112,8 +112,10 @@ class VLM:
                                    self.batch_instruction(batch))
         return self.hidden(embeds, batch["attention_mask"]).last_hidden_state
 
-    def loss(self, batch: dict, soft_prompt=None, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, batch: dict, soft_prompt=None, vocab: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
         """Mean cross-entropy over answer tokens; logits only where labels exist (the vocab is the cost).
+        reduction="none": one loss per answer token, row by row (what per-task losses are summed from).
 
         `vocab` (sorted token ids holding every label) restricts the softmax to those tokens: exact for the
         targets' relative odds, and for a from-scratch LLM on a small caption vocabulary most of the step
@@ -125,10 +127,11 @@ class VLM:
         keep = labels != -100
         head = self.family.head(self.base_model)
         if vocab is None:
-            return torch.nn.functional.cross_entropy(head(h[:, :-1][keep]).float(), labels[keep])
+            return torch.nn.functional.cross_entropy(head(h[:, :-1][keep]).float(), labels[keep], reduction=reduction)
         logits = torch.nn.functional.linear(h[:, :-1][keep], head.weight[vocab],
                                             None if head.bias is None else head.bias[vocab])
-        return torch.nn.functional.cross_entropy(logits.float(), torch.searchsorted(vocab, labels[keep]))
+        return torch.nn.functional.cross_entropy(logits.float(), torch.searchsorted(vocab, labels[keep]),
+                                                 reduction=reduction)
 
     def logits(self, batch: dict, soft_prompt=None) -> torch.Tensor:
         return self.family.head(self.base_model)(self._last_hidden(batch, soft_prompt))
@@ -233,3 +236,4 @@ class VLM:
         logp = torch.log_softmax(logits.float(), -1)
         picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
         return picked.sum(-1).view(len(prompts), len(answers))
+

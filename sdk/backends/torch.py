@@ -103,6 +103,7 @@ class TorchBackend:
         from mmagent.train.base import load
         return load(self.base)[0]
 
+
     def using_adapter(self, adapter: str | None):
         """A context in which `adapter` (None: the bare base) is the active one."""
         from peft import PeftModel
@@ -115,11 +116,6 @@ class TorchBackend:
 
     def decode(self, tokens: list[int]) -> str:
         return self.vlm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-    def prompt_text(self, record: Adapter | None, instruction: str, text: str, n_soft: int = 0, history=()) -> str:
-        """The prompt with the adapter's own system prompt (each adapter was trained with its own)."""
-        system = (record.system if record is not None else None) or self.default_system
-        return chat_prompt(self.vlm.tokenizer, system, self.vlm.placeholder(n_soft), instruction, text, history)
 
     lanes = 1  # one PeftModel whose active adapter is global: one generation at a time
 
