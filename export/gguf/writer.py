@@ -165,10 +165,25 @@ def _vocab_table(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def check_byte_level_bpe(tokenizer) -> None:
+    """Refuse what this writer would write wrongly: only byte-level BPE (GPT-2 style, as SmolLM2's) is
+    written. LLaMA-2, Vicuna and LLaVA-1.5 use SentencePiece-style BPE (byte fallback, "▁" for spaces):
+    also of type BPE in tokenizer.json, so the type alone does not tell them apart."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE":
+        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer (SmolLM2's), got a {model['type']} one; "
+                         "export with --onnx --merged instead")
+    if model.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ValueError("GGUF export: this LLM's tokenizer is SentencePiece-style BPE (byte fallback / "
+                         "Metaspace, as LLaMA-2, Vicuna and LLaVA-1.5 use), and mmagent's GGUF writer writes "
+                         "byte-level BPE only (SmolLM2's); export with --onnx --merged, and convert the merged "
+                         "directory with llama.cpp's convert_hf_to_gguf.py")
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
+    check_byte_level_bpe(tokenizer)
     bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if bpe["type"] != "BPE":
-        raise ValueError(f"GGUF export needs SmolLM2's byte-level BPE tokenizer, got a {bpe['type']} one")
     tokens, types = _vocab_table(tokenizer, vocab_size)
     writer.add_tokenizer_model(TOKENIZER_MODEL)
     writer.add_tokenizer_pre(TOKENIZER_PRE)
