@@ -270,7 +270,8 @@ def add_to_bundle(runs: list[Path], bundle: Path, console=None) -> dict:
     """Add the runs' task adapters to an existing bundle, which may be serving: the bundle is verified, the
     runs' base must be the bundle's (fingerprint), the new adapters are written beside it, self-checked
     against torch with the bundle's own LLM and vision graph, moved into `adapters/<name>/`, and then the
-    manifest is replaced in one rename. No other file is rewritten. Returns the new manifest."""
+    manifest is replaced in one rename, and the model card (README.md, not in the manifest) gains the new
+    adapters. No other file is rewritten. Returns the new manifest."""
     from mmagent.backends.torch import TorchBackend
     from mmagent.bundle import verify
     from mmagent.export.selfcheck import self_check
@@ -294,6 +295,7 @@ def add_to_bundle(runs: list[Path], bundle: Path, console=None) -> dict:
                 final["adapters"][name]["selfcheck"] = report
                 final["adapters"][name]["added_seconds"] = round(time.perf_counter() - start, 1)
             atomic_write_json(bundle / MANIFEST, final)
+            write_bundle_card(bundle, final, runs)  # the card lists every adapter: it gains the new ones
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     say(f"added {', '.join(f'[bold]{n}[/]' for n in added)} to {bundle} in {time.perf_counter() - start:.1f} s")

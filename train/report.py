@@ -174,11 +174,9 @@ def write_gallery(run_dir: Path, results: dict, thumb: int = 160) -> Path | None
 
 # ---- `mmagent report` ----------------------------------------------------------------------------
 def read_results(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
+    from mmagent.train.rundir import existing_run_dir
+    run_dir = existing_run_dir(run_dir)
     path = run_dir / "results.json"
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory `{run_dir}` does not exist; give the folder `mmagent train` wrote "
-                                "(runs/<name>)")
     if not path.is_file():
         raise FileNotFoundError(f"`{path}` is missing: `{run_dir}` is not a finished run (training writes "
                                 "results.json at its end); finish it with `mmagent train RECIPE --resume`")

@@ -72,11 +72,9 @@ def evaluate_run(run_dir: Path, with_base: bool, console: Console) -> dict:
     from mmagent.artifacts import BUNDLE, kind_of
     from mmagent.train.recipe import recipe_from_dict
     from mmagent.train.trainer import Trainer
-    run_dir = Path(run_dir)
+    from mmagent.train.rundir import existing_run_dir
+    run_dir = existing_run_dir(run_dir)
     recipe_file = run_dir / "recipe.json"
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory `{run_dir}` does not exist; give the folder `mmagent train` wrote "
-                                "(runs/<name>)")
     if not recipe_file.is_file():
         if kind_of(run_dir) == BUNDLE:
             raise FileNotFoundError(f"`{run_dir}` is an exported bundle, not a run directory: `mmagent eval` "

@@ -119,6 +119,15 @@ class RunLock:
         self.release()
 
 
+def existing_run_dir(run_dir) -> Path:
+    """`run_dir` as a Path, or a FileNotFoundError that says what a run directory is."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory `{run_dir}` does not exist; give the folder `mmagent train` wrote "
+                                "(runs/<name>)")
+    return run_dir
+
+
 def _fix(run_dir: Path) -> str:
     return (f"continue it with `mmagent train RECIPE --resume`, set run.output_dir=<another dir> for a new run, "
             f"or delete `{run_dir}` to start over")

@@ -61,8 +61,11 @@ def test_an_adapter_added_to_a_served_bundle_loads_live(vqa_bundle, two_runs, bu
             before = snapshot(vqa_bundle)
             add_to_bundle([two_runs[1]], vqa_bundle)
             after = snapshot(vqa_bundle)
-            assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == \
-                {k: v for k, v in before.items() if k != "manifest.json"}  # nothing else rewritten
+            described = ("manifest.json", "README.md")  # the manifest and the model card list the adapters
+            assert {k: v for k, v in after.items() if k in before and k not in described} == \
+                {k: v for k, v in before.items() if k not in described}  # nothing else rewritten
+            card = (vqa_bundle / "README.md").read_text()
+            assert "### caption" in card and "### vqa" in card and "`caption`, added later" in card
             manifest = verify(vqa_bundle)  # the new manifest lists the new files with their sha256
             assert set(manifest["adapters"]) == {"vqa", "caption"}
             added = set(manifest["adapters"]["caption"]["files"].values())
