@@ -24,10 +24,11 @@ def show(path: Path, console) -> None:
             table.add_row(name, ", ".join(m["tasks"]), parts, str(m.get("soft_prompt_tokens", 0)),
                           f"{m['base_ref']} {m['base_fingerprint']}")
         console.print(table)
-        for side, scores in d["results"].items():
-            if isinstance(scores, dict):
-                console.print(f"{side}: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()
-                              if isinstance(v, float)) for t, s in scores.items()))
+        for side, scores in d["results"].items():  # the evaluations: task -> metrics (not e.g. `trainable`)
+            tasks = {t: m for t, m in scores.items() if isinstance(m, dict)} if isinstance(scores, dict) else {}
+            if tasks:
+                console.print(f"{side}: " + "; ".join(f"{t}: " + ", ".join(f"{k} {v:.1f}" for k, v in m.items()
+                              if isinstance(v, float)) for t, m in tasks.items()))
         return
     m, sizes = d["manifest"], d["sizes"]
     console.print(f"bundle {path}: family {m['family']}, base {m['base']['ref']} ({m['base']['fingerprint']}), "
