@@ -4,6 +4,8 @@ each adapter configuration, several seeds each, every run in its own process.
 
     python bench/experiments.py --seeds 0 1 2 --steps 300 --out docs/experiments.json
     python bench/experiments.py --table docs/experiments.json     # the markdown table of docs/RESULTS.md
+    python bench/experiments.py --world base --steps 600 --configs "LLM only" "Q-Former + ViT" \
+        --out docs/experiments_base.json                             # the main job's comparison, 3 seeds
 
 Per run: held-out accuracy with the right / a shuffled / a blank image, trainable parameters, peak
 memory (the run's own process), wall time. The table gives mean and standard deviation over seeds.
@@ -59,19 +61,19 @@ def one_run(overrides: list[str], out: str) -> None:
         "seconds": time.perf_counter() - start}))
 
 
-def common_overrides(seed: int, steps: int, work: Path, name: str) -> list[str]:
+def common_overrides(seed: int, steps: int, work: Path, name: str, world: str) -> list[str]:
     slug = "".join(c if c.isalnum() else "_" for c in name)
-    return [f'run.output_dir="{work}/{slug}-{seed}"', f"run.seed={seed}", "data.world=shift", f"train.steps={steps}",
+    return [f'run.output_dir="{work}/{slug}-{seed}"', f"run.seed={seed}", f"data.world={world}", f"train.steps={steps}",
             "train.checkpoint_every=0", "train.eval_base=false", "train.baselines=[]", f"lora.llm={LLM_ALL}",
             f"lora.bridge={BRIDGE}", 'lora.vision=["qkv"]', "tasks.0.max_eval=300"]
 
 
-def run_all(seeds: list[int], steps: int, work: Path) -> list[dict]:
+def run_all(seeds: list[int], steps: int, work: Path, world: str, configs: dict) -> list[dict]:
     rows = []
-    for name, extra in CONFIGS.items():
+    for name, extra in configs.items():
         for seed in seeds:
             out = work / f"result-{len(rows)}.json"
-            overrides = common_overrides(seed, steps, work, name) + extra
+            overrides = common_overrides(seed, steps, work, name, world) + extra
             code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from experiments import one_run; "
                     f"one_run({overrides!r}, {str(out)!r})")
             subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
@@ -86,7 +88,7 @@ def fmt(values: list[float], digits: int = 1) -> str:
 
 
 def table(data: dict) -> str:
-    lines = [f"{data['machine']}; {data['steps']} steps a run, seeds {data['seeds']}", "",
+    lines = [f"{data['machine']}; world {data.get('world', 'shift')}, {data['steps']} steps a run, seeds {data['seeds']}", "",
              "| configuration | right image | shuffled image | blank image | image gain | trainable params | "
              "peak RSS MB | seconds |", "|---|---|---|---|---|---|---|---|"]
     for name in CONFIGS:
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs/experiments.json")
     ap.add_argument("--work", type=Path, help="where the runs go (default: a new temporary folder; run "
                                               "directories are never trained into twice)")
+    ap.add_argument("--world", default="shift", help="shapes world: shift (the domain shift) or base (the main job's)")
+    ap.add_argument("--configs", nargs="+", help="run only the configurations whose names contain one of these")
     ap.add_argument("--table", type=Path, help="print the table of a finished run's JSON and stop")
     args = ap.parse_args()
     if args.table:
@@ -113,8 +117,9 @@ def main() -> None:
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="mmagent-experiments-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows = run_all(args.seeds, args.steps, work)
-    data = {"machine": machine(), "steps": args.steps, "seeds": args.seeds, "rows": rows}
+    configs = {n: e for n, e in CONFIGS.items() if not args.configs or any(c in n for c in args.configs)}
+    rows = run_all(args.seeds, args.steps, work, args.world, configs)
+    data = {"machine": machine(), "steps": args.steps, "seeds": args.seeds, "world": args.world, "rows": rows}
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     print(table(data))
 
