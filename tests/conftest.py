@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated cache, no hub, and one tiny base built once per session."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def pytest_collection_modifyitems(items):
 
 
 SMALL_DATA = ["data.train_images=48", "data.eval_images=12", "data.image_size=32"]
+
+
+@contextlib.contextmanager
+def one_broken_image(trainer):
+    """The first VQA training image truncated mid-header, with every other example pointing at it;
+    restored afterwards. Yields the broken file."""
+    victim = Path(trainer.train_records["vqa"][0]["image_path"])
+    saved = victim.read_bytes()
+    try:
+        victim.write_bytes(saved[:40])
+        for r in trainer.train_records["vqa"][::2]:
+            r["image_path"] = str(victim)
+        yield victim
+    finally:
+        victim.write_bytes(saved)
 
 
 def small_recipe(tmp: Path, *extra: str, recipe: str = "vqa.toml"):

@@ -204,19 +204,14 @@ def test_missing_images_are_counted_once_each(tmp_path):
 
 
 def test_an_unreadable_image_is_skipped_and_counted_once(tmp_path, micro_base):
-    from pathlib import Path
+    from conftest import one_broken_image
     trainer = Trainer(lora_recipe(tmp_path / "run", micro_base))
     trainer.setup()
-    victim = Path(trainer.train_records["vqa"][0]["image_path"])
-    saved = victim.read_bytes()
     try:
-        victim.write_bytes(saved[:40])
-        for r in trainer.train_records["vqa"][::2]:  # many questions about the one broken image
-            r["image_path"] = str(victim)
-        stream = trainer.mixture.examples(0)
-        for _ in range(4):
-            trainer.next_batch(stream)
+        with one_broken_image(trainer) as victim:  # many questions about the one broken image
+            stream = trainer.mixture.examples(0)
+            for _ in range(4):
+                trainer.next_batch(stream)
     finally:
-        victim.write_bytes(saved)
         trainer.close()
     assert len(trainer.skipped) == 1 and victim.name in trainer.skipped[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, small_recipe
+from conftest import ROOT, one_broken_image, small_recipe
 from mmagent.train.data.records import DataError
 from mmagent.train.trainer import Trainer
 
@@ -95,16 +95,9 @@ def test_restart_without_resume_refuses_to_overwrite(tmp_path, micro_base):
 def test_corrupt_image_mid_run_is_counted_and_skipped(tmp_path, micro_base):
     trainer = Trainer(lora_recipe(tmp_path / "run", micro_base))
     trainer.setup()
-    victim = Path(trainer.train_records["vqa"][0]["image_path"])
-    saved = victim.read_bytes()
-    try:
-        victim.write_bytes(saved[:40])  # truncated mid-header
-        for r in trainer.train_records["vqa"][::2]:  # every other example points at it
-            r["image_path"] = str(victim)
+    with one_broken_image(trainer) as victim:
         trainer.train()
         results = trainer.finish()
-    finally:
-        victim.write_bytes(saved)
     assert results["skipped_images"] >= 1 and str(victim.name) in trainer.skipped[0]
 
 
