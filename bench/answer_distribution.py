@@ -56,7 +56,7 @@ def main() -> None:
                      ann / f"v2_mscoco_{args.split}_annotations.json", args.world / args.split)
     records = [r for r in records if r["input"].startswith(args.question + " ")][: args.n]
     rows = distribution(load(args.base, args.adapter), records, args.answers)
-    print(f"| true answer | n | " + " | ".join(f"P({a})" for a in args.answers) + " |")
+    print("| true answer | n | " + " | ".join(f"P({a})" for a in args.answers) + " |")
     print("|---|---|" + "---|" * len(args.answers))
     for truth, row in rows.items():
         print(f"| {truth} | {int(row[-1])} | " + " | ".join(f"{p:.2f}" for p in row[:-1]) + " |")
