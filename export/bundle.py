@@ -67,8 +67,9 @@ def export_bundle(runs: list[Path], out: Path, gguf: bool = True, onnx: bool = T
     lora = {n: split_parts(a.lora, backend.vlm.family) for n, a in backend.adapters.items()}
     check_carried(backend, lora, gguf, onnx, merged)
     if gguf:  # refused before any work: an LLM llama.cpp cannot run (OPT, T5)
-        from mmagent.export.gguf.writer import check_llama_cpp_support
+        from mmagent.export.gguf.writer import check_llama_cpp_support, check_tokenizer
         check_llama_cpp_support(backend.vlm.family.text_config(backend.vlm.base_model))
+        check_tokenizer(backend.vlm.tokenizer)  # one the writer cannot write, or a missing tokenizer.model
     manifest = {"schema": SCHEMA, "family": backend.vlm.family.name, "base": backend.base_info,
                 "prompt": prompt_info(backend), "llm": {}, "vision": {}, "adapters": {}}
     # One plain copy of the base (no LoRA layers) serves both writers; neither changes it.
@@ -106,8 +107,19 @@ def prompt_info(backend) -> dict:
             "bos_token": vlm.tokenizer.bos_token, "eos_token": vlm.tokenizer.eos_token,
             "image": {"size": vlm.family.image_size(model), "mean": list(processor.image_mean),
                       "std": list(processor.image_std), "resample": int(getattr(processor, "resample", 3))},
+            **({"llm_tokenizer": "tokenizer/tokenizer.json"} if sentencepiece_style(vlm.tokenizer) else {}),
             **({"qformer_tokenizer": f"{QFORMER_TOKENIZER}/tokenizer.json",
                 "qformer_max_tokens": vlm.family.max_instruction_tokens(model)} if vlm.family.reads_instruction else {})}
+
+
+def sentencepiece_style(tokenizer) -> bool:
+    """Whether the edge tokenises prompts with the LLM's tokenizer.json rather than llama.cpp's (see
+    mmagent.backends.edge.PromptTokenizer): SentencePiece LLMs, where transformers and llama.cpp disagree."""
+    from mmagent.export.gguf.writer import UnsupportedTokenizer, tokenizer_kind
+    try:
+        return tokenizer_kind(tokenizer) == "llama"
+    except (UnsupportedTokenizer, AttributeError):  # T5's Unigram, a slow tokenizer: no GGUF, no edge LLM
+        return False
 
 
 def write_gguf_parts(backend, base, lora: dict, tmp: Path, quants, manifest: dict, say) -> None:

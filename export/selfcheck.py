@@ -41,7 +41,7 @@ def edge_outputs(bundle_dir, manifest: dict, quant: str, images: list, cases: li
                           for image in images for adapter, kind, prompt in cases]}
         if strings is not None:
             pixels = np.concatenate([preprocess(im, edge.prompt["image"]) for im in images])
-            out["tokens"] = [edge.llm.tokenize(s) for s in strings]
+            out["tokens"] = [edge.tokenize(s) for s in strings]  # what the edge feeds llama.cpp
             out["template"] = edge.template.apply_chat_template([{"role": "user", "content": "x"}])
             out["pixels"] = pixels
             said = edge.instruction_inputs([PROBE_INSTRUCTION] * len(images))  # InstructBLIP's Q-Former reads it
@@ -115,7 +115,7 @@ def agreement(backend, reference: list, got: list, case_list: list) -> dict:
 def llm_outputs(bundle_dir, manifest: dict, quant: str, prompts: list, strings: list | None) -> dict:
     """A bundle without a vision graph (`--gguf` alone), run in the child: the GGUF LLM and its LoRAs answer
     prompts whose image rows torch computed; with `strings`, also its token ids and chat template."""
-    from mmagent.backends.edge import ChatTemplate
+    from mmagent.backends.edge import ChatTemplate, PromptTokenizer
     from mmagent.backends.llama_cpp import LlamaCppLM
     from mmagent.prompt import stop_ids
     bundle, entries = Path(bundle_dir), manifest["adapters"]
@@ -123,14 +123,16 @@ def llm_outputs(bundle_dir, manifest: dict, quant: str, prompts: list, strings: 
         for name, a in entries.items():
             if "llm" in a["files"]:
                 lm.load_adapter(name, bundle / a["files"]["llm"])
-        greedy = []
+        greedy, tokenize = [], PromptTokenizer(bundle, manifest["prompt"], lm)
         for adapter, before, rows, after in prompts:
             lm.set_adapter(adapter if adapter and "llm" in entries[adapter]["files"] else None)
-            segments = [lm.tokenize(before), rows, lm.tokenize(after)]
+            placeholder = manifest["prompt"]["image_token"] * len(rows)
+            head, tail = tokenize.around(before + placeholder + after, placeholder)
+            segments = [head, rows, tail]
             greedy.append(lm.generate(segments, N_TOKENS, stop_ids=stop_ids(manifest["prompt"]))[:N_TOKENS])
         out = {"greedy": greedy}
         if strings is not None:
-            out["tokens"] = [lm.tokenize(s) for s in strings]
+            out["tokens"] = [tokenize(s) for s in strings]
             out["template"] = ChatTemplate(manifest["prompt"]).apply_chat_template([{"role": "user", "content": "x"}])
         return out
 

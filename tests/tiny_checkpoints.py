@@ -1,8 +1,9 @@
 """Tiny random checkpoints of the real transformers classes, saved as the hub checkpoints are laid out.
 
 Each is an HF directory with config.json, safetensors weights, the LLM's tokenizer (SmolLM2's byte-level
-BPE, so llama.cpp tokenises it as transformers does) with an `<image>` token added as the real processors
-add it, the image processor, and the processor files (InstructBLIP's `qformer_tokenizer/` beside the LLM's).
+BPE, or with tokenizer="spm" a LLaMA-2 style SentencePiece one trained here, tokenizer.model included, as
+Vicuna's and LLaVA-1.5's are) with an `<image>` token added as the real processors add it, the image
+processor, and the processor files (InstructBLIP's `qformer_tokenizer/` beside the LLM's).
 Shapes are tiny; the classes, file layout and token plumbing are the real ones.
 """
 from __future__ import annotations
@@ -72,6 +73,53 @@ def llm_tokenizer():
     return tok
 
 
+# LLaVA-1.5's conversation layout (Vicuna v1): "USER: <image>\n... ASSISTANT: ...</s>"
+VICUNA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + ' ' }}"
+                   "{% elif m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
+                   "{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+SPM_TEXT = [" ".join(QFORMER_WORDS), "You look at one image and answer briefly.", "USER: what is in the picture? "
+            "ASSISTANT: a red circle and two blue squares.", "Question: how many triangles are there? Answer: 3",
+            "The quick brown fox jumps over the lazy dog 0123456789 times."]
+
+
+def sentencepiece_model() -> bytes:
+    """A tiny tokenizer.model trained as LLaMA's was: BPE, byte fallback, digits split, "▁" word marks,
+    <unk>=0 <s>=1 </s>=2, whitespace kept as written."""
+    import io
+
+    import sentencepiece as spm
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_TEXT * 8), model_writer=out, vocab_size=420, model_type="bpe", byte_fallback=True,
+        split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
+        num_threads=1, minloglevel=2)
+    return out.getvalue()
+
+
+def spm_tokenizer(folder: Path, added: dict[str, bool], chat_template: str | None = VICUNA_TEMPLATE, pad: str | None = None):
+    """A LlamaTokenizer as LLaMA-2 / Vicuna / LLaVA-1.5 checkpoints ship it: tokenizer.model, tokenizer_config.json
+    (`legacy: false`, BOS added), special_tokens_map.json, then tokens added on top ({text: special}), e.g.
+    LLaVA's `<image>` and `<pad>` or InstructBLIP-Vicuna's `[PAD]`. `folder` keeps tokenizer.model for _save."""
+    import json
+
+    from transformers import AddedToken, AutoTokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model())
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**specials, "add_bos_token": True, "add_eos_token": False, "legacy": False, "padding_side": "left",
+         "tokenizer_class": "LlamaTokenizer", "clean_up_tokenization_spaces": False}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_tokens([AddedToken(t, special=special, normalized=False) for t, special in added.items()])
+    tok.add_special_tokens({"additional_special_tokens": [t for t, special in added.items() if special and t != pad],
+                            **({"pad_token": pad} if pad else {})})
+    tok.chat_template = chat_template
+    return tok
+
+
 def qformer_tokenizer(folder: Path):
     """A BERT WordPiece tokenizer like instructblip's `qformer_tokenizer/` (bert-base-uncased), tiny vocabulary."""
     from transformers import BertTokenizerFast
@@ -94,12 +142,24 @@ def _save(model, tok, processor, out: Path) -> Path:
     processor.image_processor.save_pretrained(out)  # preprocessor_config.json, as hub checkpoints have it
     processor.save_pretrained(out)  # tokenizer(s), image processor and processor config, as the hub has them
     tok.save_pretrained(out)
+    spm = Path(getattr(tok, "vocab_file", None) or "")
+    if spm.name == "tokenizer.model":  # SentencePiece: hub checkpoints ship it; save_pretrained does not write it
+        (out / "tokenizer.model").write_bytes(spm.read_bytes())
     return out
 
 
-def instructblip(out: Path, seed: int = 0) -> Path:
+def llm_tok(out: Path, tokenizer: str, added: dict[str, bool], pad: str | None = None, chat_template=VICUNA_TEMPLATE):
+    """The LLM tokenizer of a tiny checkpoint: "smollm2" (byte-level BPE) or "spm" (LLaMA-2 style)."""
+    if tokenizer == "smollm2":
+        return llm_tokenizer()
+    return spm_tokenizer(out.parent / f".{out.name}-spm", added, chat_template, pad)
+
+
+def instructblip(out: Path, seed: int = 0, tokenizer: str = "smollm2") -> Path:
+    """instructblip-vicuna's layout; tokenizer="spm": Vicuna's SentencePiece tokenizer with its `[PAD]` and the
+    `<image>` token added, no chat template (prompts: `Question: .. Answer:`), as the hub checkpoint has it."""
     from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor, LlamaConfig
-    tok = llm_tokenizer()
+    tok = llm_tok(out, tokenizer, {"[PAD]": True, "<image>": True}, pad="[PAD]", chat_template=None)
     qtok = qformer_tokenizer(out.parent / f".{out.name}-qformer-vocab")
     torch.manual_seed(seed)
     config = InstructBlipConfig(vision_config=VISION, qformer_config={**QFORMER, "vocab_size": qtok.vocab_size},
@@ -147,14 +207,17 @@ def blip2_t5(out: Path, seed: int = 0) -> Path:
     return _blip2(out, text, tok, seed)
 
 
-def llava(out: Path, seed: int = 0) -> Path:
+def llava(out: Path, seed: int = 0, tokenizer: str = "smollm2") -> Path:
     """llava-hf/llava-1.5's layout: CLIP ViT (quick_gelu, features of the second-last layer, CLS dropped),
-    a GELU MLP projector, a LLaMA LLM; LlavaProcessor expands `<image>` to one token per patch."""
+    a GELU MLP projector, a LLaMA LLM; LlavaProcessor expands `<image>` to one token per patch.
+    tokenizer="spm": LLaMA-2's SentencePiece tokenizer with `<image>` and `<pad>` added, the USER/ASSISTANT
+    template, and the embedding rows padded to a multiple of 64 (32064 in the real checkpoint)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    tok = llm_tokenizer()
+    tok = llm_tok(out, tokenizer, {"<image>": True, "<pad>": True}, pad="<pad>")
+    rows = len(tok) if tokenizer == "smollm2" else -(-len(tok) // 64) * 64
     torch.manual_seed(seed)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION, projection_dim=32, hidden_act="quick_gelu").to_dict(),
-                         text_config=LlamaConfig(vocab_size=len(tok), **LLAMA).to_dict(),
+                         text_config=LlamaConfig(vocab_size=rows, **LLAMA).to_dict(),
                          image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(config)

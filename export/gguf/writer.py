@@ -1,7 +1,9 @@
 """Write the LLM half of a vision-language model, and its LoRA adapters, as GGUF files for llama.cpp.
 
-Only llama-type LLMs (e.g. SmolLM2) with SmolLM2's GPT2-style byte-level BPE tokenizer are handled; other
-LLMs are refused with a pointer to the ONNX or merged-PyTorch exports.
+Only llama-type LLMs are handled, with a byte-level BPE tokenizer (SmolLM2's, written as llama.cpp's "gpt2"
+model) or a SentencePiece BPE one with its tokenizer.model (LLaMA-2, Vicuna, LLaVA-1.5: llama.cpp's "llama"
+model, written as llama.cpp's convert_hf_to_gguf.py writes it); other LLMs and tokenizers are refused with a
+pointer to the ONNX or merged-PyTorch exports.
 """
 from __future__ import annotations
 
@@ -147,6 +149,39 @@ def _add_hparams(writer: gguf.GGUFWriter, config) -> None:
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
 
+class UnsupportedTokenizer(ValueError):
+    pass
+
+
+# What the writer can write: tokenizer.ggml.model -> which tokenizers, for the refusal of anything else.
+TOKENIZER_KINDS = {"gpt2": "byte-level BPE (GPT-2 style, as SmolLM2's)",
+                   "llama": "SentencePiece BPE with its tokenizer.model (LLaMA-2, Vicuna, LLaVA-1.5)"}
+WRITE_ELSEWHERE = ("export with --onnx --merged instead and convert the merged directory with llama.cpp's "
+                   "convert_hf_to_gguf.py, or use an LLM with one of those tokenizers")
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """llama.cpp's tokenizer model for this HF tokenizer: "gpt2" (byte-level BPE) or "llama" (SentencePiece).
+    Both say "BPE" in tokenizer.json; SentencePiece's has byte fallback and "▁" word marks (Metaspace)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, around = spec["model"], json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")])
+    if model["type"] == "BPE" and "ByteLevel" in around and not model.get("byte_fallback"):
+        return "gpt2"
+    if model["type"] == "BPE" and (model.get("byte_fallback") or "\u2581" in around or "▁" in around):
+        return "llama"
+    raise UnsupportedTokenizer(f"GGUF export: this LLM's tokenizer is a {model['type']} one that mmagent's GGUF "
+                               f"writer cannot write (it writes {' and '.join(TOKENIZER_KINDS.values())}); "
+                               + WRITE_ELSEWHERE)
+
+
+def check_tokenizer(tokenizer) -> str:
+    """Refuse, before any work, a tokenizer this writer would write wrongly; its GGUF tokenizer model else."""
+    kind = tokenizer_kind(tokenizer)
+    if kind == "llama":
+        _sentencepiece_model(tokenizer)
+    return kind
+
+
 def _vocab_table(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings and types for ids 0..vocab_size-1; ids the tokenizer lacks become unused [PADn] rows."""
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
@@ -165,24 +200,15 @@ def _vocab_table(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def check_byte_level_bpe(tokenizer) -> None:
-    """Refuse what this writer would write wrongly: only byte-level BPE (GPT-2 style, as SmolLM2's) is
-    written. LLaMA-2, Vicuna and LLaVA-1.5 use SentencePiece-style BPE (byte fallback, "▁" for spaces):
-    also of type BPE in tokenizer.json, so the type alone does not tell them apart."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec["model"]
-    if model["type"] != "BPE":
-        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer (SmolLM2's), got a {model['type']} one; "
-                         "export with --onnx --merged instead")
-    if model.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise ValueError("GGUF export: this LLM's tokenizer is SentencePiece-style BPE (byte fallback / "
-                         "Metaspace, as LLaMA-2, Vicuna and LLaVA-1.5 use), and mmagent's GGUF writer writes "
-                         "byte-level BPE only (SmolLM2's); export with --onnx --merged, and convert the merged "
-                         "directory with llama.cpp's convert_hf_to_gguf.py")
+def _add_special_ids(writer: gguf.GGUFWriter, tokenizer) -> None:
+    special_ids = {writer.add_bos_token_id: tokenizer.bos_token_id, writer.add_eos_token_id: tokenizer.eos_token_id,
+                   writer.add_pad_token_id: tokenizer.pad_token_id, writer.add_unk_token_id: tokenizer.unk_token_id}
+    for add, token_id in special_ids.items():
+        if token_id is not None:
+            add(token_id)
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
-    check_byte_level_bpe(tokenizer)
+def _add_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     tokens, types = _vocab_table(tokenizer, vocab_size)
     writer.add_tokenizer_model(TOKENIZER_MODEL)
@@ -190,12 +216,100 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
-    special_ids = {writer.add_bos_token_id: tokenizer.bos_token_id, writer.add_eos_token_id: tokenizer.eos_token_id,
-                   writer.add_pad_token_id: tokenizer.pad_token_id, writer.add_unk_token_id: tokenizer.unk_token_id}
-    for add, token_id in special_ids.items():
-        if token_id is not None:
-            add(token_id)
+    _add_special_ids(writer, tokenizer)
     writer.add_add_bos_token(False)  # the chat template writes <|im_start|> itself
+
+
+# ---- SentencePiece (LLaMA-2, Vicuna, LLaVA-1.5) ---------------------------------------------------------------
+
+UNUSED_SCORE, ADDED_SCORE = -10000.0, -1000.0  # llama.cpp's converter's scores for padding and added rows
+
+
+def _sentencepiece_model(tokenizer):
+    """(SentencePieceProcessor, ModelProto) of the tokenizer.model the HF tokenizer was made from. Refused when
+    it is missing (transformers' save_pretrained does not copy it), not BPE, or not the tokenizer's vocabulary."""
+    from pathlib import Path
+
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+    path = getattr(tokenizer, "vocab_file", None) or Path(tokenizer.name_or_path or ".") / "tokenizer.model"
+    if not Path(path).is_file():
+        raise UnsupportedTokenizer(
+            f"GGUF export: the LLM's tokenizer is SentencePiece-style, and llama.cpp needs its tokenizer.model "
+            f"(piece scores and types), which is not in `{tokenizer.name_or_path}`; copy the checkpoint's "
+            "tokenizer.model beside its tokenizer.json (the hub checkpoints ship it) and export again")
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    if proto.trainer_spec.model_type != spm_pb.TrainerSpec.BPE:
+        raise UnsupportedTokenizer(f"GGUF export: `{path}` is a SentencePiece "
+                                   f"{spm_pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} model; "
+                                   "llama.cpp's llama tokenizer is written here for BPE ones only; " + WRITE_ELSEWHERE)
+    sp = SentencePieceProcessor(model_file=str(path))
+    vocab = tokenizer.get_vocab()
+    wrong = [i for i in range(sp.vocab_size()) if vocab.get(sp.id_to_piece(i)) != i]
+    if wrong:
+        i = wrong[0]
+        raise UnsupportedTokenizer(f"GGUF export: `{path}` is not this tokenizer's model: piece {i} is "
+                                   f"{sp.id_to_piece(i)!r} there and id {vocab.get(sp.id_to_piece(i))} in the "
+                                   f"tokenizer ({len(wrong)} pieces differ); put the checkpoint's own tokenizer.model "
+                                   "beside its tokenizer.json")
+    return sp, proto
+
+
+def _piece_type(sp, i: int) -> int:
+    for test, kind in ((sp.is_unknown, gguf.TokenType.UNKNOWN), (sp.is_control, gguf.TokenType.CONTROL),
+                       (sp.is_unused, gguf.TokenType.UNUSED), (sp.is_byte, gguf.TokenType.BYTE)):
+        if test(i):
+            return kind
+    return gguf.TokenType.NORMAL
+
+
+def sentencepiece_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and types for ids 0..vocab_size-1: the SentencePiece pieces (their scores rank the
+    merges llama.cpp makes), then the HF tokenizer's added tokens (LLaVA's `<image>`, a `[PAD]`), then
+    unused [PADn] rows up to the LLM's embedding rows."""
+    sp, _ = _sentencepiece_model(tokenizer)
+    n = sp.vocab_size()
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores, types = [UNUSED_SCORE] * vocab_size, [gguf.TokenType.UNUSED] * vocab_size
+    for i in range(n):
+        tokens[i], scores[i], types[i] = sp.id_to_piece(i), sp.get_score(i), _piece_type(sp, i)
+    for i, added in sorted(tokenizer.added_tokens_decoder.items()):
+        if i >= vocab_size:
+            raise ValueError(f"tokenizer has id {i} ({added.content!r}) but the LLM's vocabulary has only "
+                             f"{vocab_size} rows")
+        if i < n and tokens[i] == added.content:
+            continue  # <unk>, <s>, </s>: SentencePiece's own types
+        special = added.special
+        # llama.cpp matches user-defined tokens in the raw text, before spaces become "▁"
+        tokens[i] = added.content if special else added.content.replace("▁", " ")
+        scores[i] = ADDED_SCORE
+        types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    return tokens, scores, types
+
+
+def _add_sentencepiece(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
+    tokens, scores, types = sentencepiece_vocab(tokenizer, vocab_size)
+    _, proto = _sentencepiece_model(tokenizer)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    _add_special_ids(writer, tokenizer)
+    # What transformers adds around a text (its post-processor; the config's add_bos_token may be gone in a
+    # re-saved tokenizer): stock llama.cpp then starts a prompt with <s> as transformers does
+    ids = tokenizer("a").input_ids
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id)
+    writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
+    if check_tokenizer(tokenizer) == "llama":
+        _add_sentencepiece(writer, tokenizer, vocab_size)
+    else:
+        _add_byte_level_bpe(writer, tokenizer, vocab_size)
 
 
 def write_llm_gguf(causal_lm, tokenizer, path: str | os.PathLike, chat_template: str | None = None) -> None:

@@ -46,6 +46,38 @@ def qformer_tokenizer(bundle: Path, prompt: dict):
     return tok
 
 
+class PromptTokenizer:
+    """Token ids of prompt text, as torch's tokenizer makes them.
+
+    llama.cpp's own tokenizer is exact for byte-level BPE (SmolLM2). For SentencePiece LLMs (LLaMA-2, Vicuna,
+    LLaVA-1.5) transformers and sentencepiece disagree: transformers puts no "▁" before text that follows a
+    special token (`legacy: false`) and does not double a leading space, while sentencepiece, and so llama.cpp,
+    does both. Those bundles ship the LLM's tokenizer.json (`prompt.llm_tokenizer`), read here with the
+    `tokenizers` library (no torch), so the edge feeds llama.cpp exactly the ids torch trained on; stock
+    llama.cpp tokenises such a GGUF as sentencepiece does, as for a GGUF made by llama.cpp's own converter."""
+
+    def __init__(self, bundle: Path, prompt: dict, lm):
+        self.lm, self.image_token, self.hf = lm, prompt["image_token"], None
+        if prompt.get("llm_tokenizer"):
+            from tokenizers import Tokenizer
+            self.hf = Tokenizer.from_file(str(bundle / prompt["llm_tokenizer"]))
+            self.hf.no_padding()
+            self.hf.no_truncation()
+
+    def __call__(self, text: str) -> list[int]:
+        """Ids of `text`, special tokens parsed, no BOS added."""
+        return self.lm.tokenize(text) if self.hf is None else self.hf.encode(text, add_special_tokens=False).ids
+
+    def around(self, prompt: str, placeholder: str) -> tuple[list[int], list[int]]:
+        """Ids of the prompt before and after the image placeholders (which `placeholder` spells out)."""
+        before, after = prompt.split(placeholder, 1)
+        if self.hf is None:
+            return self.lm.tokenize(before), self.lm.tokenize(after)
+        head, whole = self(before), self(prompt)  # text after a special token depends on what precedes it
+        n = placeholder.count(self.image_token)
+        return head, whole[len(head) + n:]
+
+
 def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
     """Resize, rescale and normalise as BLIP's image processor does: (1, 3, S, S) float32."""
     size = spec["size"]
@@ -79,7 +111,8 @@ class EdgeBackend:
                               f"(LLM: {', '.join(m['llm']) or 'none'}; vision: "
                               f"{', '.join(k for k in ('fp32', 'fp16') if k in m['vision']) or 'none'}); re-export "
                               "with --gguf --onnx, or load it with backend='torch'")
-        needed = [m["llm"][quant], m["vision"][vision]] + [f for a in m["adapters"].values() for f in a["files"].values()]
+        needed = [m["llm"][quant], m["vision"][vision]] + [f for a in m["adapters"].values() for f in a["files"].values()] \
+            + ([m["prompt"]["llm_tokenizer"]] if m["prompt"].get("llm_tokenizer") else [])
         verify(self.bundle, m, needed)
         self.llm = LlamaCppLM(self.bundle / m["llm"][quant], n_ctx=1024, n_threads=n_threads,
                               n_gpu_layers=n_gpu_layers)
@@ -91,6 +124,7 @@ class EdgeBackend:
         self.prompt, self.template = m["prompt"], ChatTemplate(m["prompt"])
         self.stop_ids = stop_ids(self.prompt)  # torch's end tokens, not llama.cpp's wider end-of-generation set
         self.qformer_tokenizer = qformer_tokenizer(self.bundle, self.prompt)  # InstructBLIP's, else None
+        self.tokenize = PromptTokenizer(self.bundle, self.prompt, self.llm)
         self.adapters, self.soft_prompts, self.has, self.entries = {}, {}, {}, {}
         for name, a in m["adapters"].items():
             self._add_adapter(name, a)
@@ -160,8 +194,7 @@ class EdgeBackend:
         placeholder = self.prompt["image_token"] * (n_soft + self.prompt["n_image_tokens"])
         system = (record.system if record else None) or self.prompt["system"]  # each adapter's own, as trained
         prompt = chat_prompt(self.template, system, placeholder, instruction, text, history)
-        before, after = prompt.split(placeholder, 1)
-        before, after = self.llm.tokenize(before), self.llm.tokenize(after)
+        before, after = self.tokenize.around(prompt, placeholder)
         check_fits(len(before) + n_soft + self.prompt["n_image_tokens"] + len(after), self.llm.n_ctx)
         check_image(image)
         bridge = adapter if adapter and "bridge" in self.has[adapter] else None

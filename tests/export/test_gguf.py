@@ -306,17 +306,19 @@ def test_generation_ends_at_the_given_end_tokens_not_llama_cpps_wider_set(runtim
     assert runtime.generate(prompt, 8, stop_ids=set()) == free  # nothing ends it early
 
 
-def test_a_sentencepiece_style_tokenizer_is_refused_not_miswritten():
-    """Vicuna's and LLaVA-1.5's tokenizer.json say "BPE" too; written as byte-level BPE it would
-    tokenise differently in llama.cpp, so the writer refuses it and names the way that works."""
+def test_tokenizer_kinds_are_told_apart():
+    """Vicuna's and LLaVA-1.5's tokenizer.json say "BPE" too; written as byte-level BPE they would tokenise
+    differently in llama.cpp, so byte fallback / "▁" marks send them to the SentencePiece writer
+    (tests/export/test_gguf_sentencepiece.py), which needs their tokenizer.model."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from mmagent.export.gguf.writer import check_byte_level_bpe
+    from mmagent.export.gguf.writer import UnsupportedTokenizer, check_tokenizer, tokenizer_kind
     from mmagent.train.builtin import smollm2_tokenizer
     vocab = {"<unk>": 0, "▁": 1, "a": 2, "▁a": 3}
     spm = Tokenizer(models.BPE(vocab, [("▁", "a")], unk_token="<unk>", byte_fallback=True))
     spm.pre_tokenizer = pre_tokenizers.Metaspace()
     spm.decoder = decoders.Metaspace()
-    with pytest.raises(ValueError, match="SentencePiece-style.*--onnx --merged"):
-        check_byte_level_bpe(PreTrainedTokenizerFast(tokenizer_object=spm))
-    check_byte_level_bpe(smollm2_tokenizer())  # SmolLM2's byte-level BPE passes
+    spm_style = PreTrainedTokenizerFast(tokenizer_object=spm)
+    assert tokenizer_kind(spm_style) == "llama" and tokenizer_kind(smollm2_tokenizer()) == "gpt2"
+    with pytest.raises(UnsupportedTokenizer, match="tokenizer.model"):  # no file to read scores from
+        check_tokenizer(spm_style)
