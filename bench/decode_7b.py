@@ -7,7 +7,9 @@ reads one row; LoRA weights included).
         builtin:tiny's vision side with the 7B LLM, in bf16 on CUDA; writes DIR/llm.f16.gguf through our
         GGUF writer and a random rank-16 q/v LoRA as DIR/lora.gguf; times the torch backend's decode
         (static cache + CUDA graphs, train/graph_decode.py) base and with the LoRA, against transformers'
-        generate on the same LLM (dynamic and static cache: /work/shared/bench/baseline_decode_7b.py)
+        generate on the same LLM (dynamic and static cache: /work/shared/bench/baseline_decode_7b.py), and
+        the same graphs over a torch.compile'd step (MM_7B_COMPILE=default|max-autotune-no-cudagraphs|off;
+        MM_7B_HF=0 skips transformers' rows)
     python bench/decode_7b.py write --work DIR --out w.json    (only the two GGUF files)
     python bench/decode_7b.py llama --work DIR --out llama.json
         quantises DIR/llm.f16.gguf to q4_k_m (llama.cpp); for f16 and q4_k_m with the LoRA: the SDK's
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -94,14 +97,42 @@ def add_lora(model):
     return get_peft_model(model, config, adapter_name="task")
 
 
-def graph_decode(vlm, decoder, embeds) -> float:
+def graph_decode(vlm, decoder, embeds, tokens: list | None = None) -> float:
+    """Median decode rate over REPEATS after a first run (which captures, and compiles); `tokens` gets the
+    greedy tokens."""
     rates = []
-    for _ in range(REPEATS + 1):  # the first run captures the graph
+    for _ in range(REPEATS + 1):
         stamps = []
-        decoder.generate(embeds, N_DECODE, lambda k, ids: stamps.append(time.perf_counter()) and False,
-                         stop_at_eos=False)
+        got = decoder.generate(embeds, N_DECODE, lambda k, ids: stamps.append(time.perf_counter()) and False,
+                               stop_at_eos=False)
         rates.append(rate(stamps))
+    if tokens is not None:
+        tokens[:] = got
     return statistics.median(rates[1:])
+
+
+def compiled_row(vlm, embeds, eager_tokens: list, res: dict) -> None:
+    """The same graph decode over a torch.compile'd step: rate, compile + capture time, and how many greedy
+    tokens match the uncompiled graphs' (fused kernels round differently; random weights make near-ties)."""
+    from mmagent.train.graph_decode import GraphDecoder
+    mode = os.environ.get("MM_7B_COMPILE", "default")
+    if mode == "off":
+        return
+    res["compile_mode"] = mode
+    try:
+        decoder = GraphDecoder(vlm, use_graphs=DEVICE == "cuda", compile_mode=mode)
+        t = time.perf_counter()
+        decoder.generate(embeds, 3, stop_at_eos=False)  # step 1 compiles (a warm-up), step 2 is captured
+        sync()
+        res["compile_and_capture_s"] = round(time.perf_counter() - t, 1)
+        tokens: list = []
+        res["ours_compiled_base_tok_s"] = graph_decode(vlm, decoder, embeds, tokens)
+        res["compiled_same_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, eager_tokens)) if a != b),
+                                           len(tokens))
+        res["compiled_capture_errors"] = decoder.capture_errors
+        decoder.clear()
+    except Exception as e:  # noqa: BLE001 - reported, the rest still runs
+        res["compiled_error"] = f"{type(e).__name__}: {str(e)[:500]}"
 
 
 def hf_generate(lm, ids, static: bool) -> float:
@@ -151,16 +182,20 @@ def run_torch(work: Path, measure: bool = True) -> dict:
         res["weights_GB_per_token"] = round(base_bytes / 1e9, 3)
         res["ours_lora_tok_s"] = graph_decode(vlm, decoder, embeds)
         with peft_model.disable_adapter():
-            res["ours_base_tok_s"] = graph_decode(vlm, decoder, embeds)
+            eager_tokens: list = []
+            res["ours_base_tok_s"] = graph_decode(vlm, decoder, embeds, eager_tokens)
             res["capture_errors"] = decoder.capture_errors
+            decoder.clear()
             save(res)
-            for mode in ("dynamic", "static"):
+            compiled_row(vlm, embeds, eager_tokens, res)
+            save(res)
+            for mode in ("dynamic", "static") if os.environ.get("MM_7B_HF", "1") != "0" else ():
                 try:
                     res[f"hf_{mode}_tok_s"] = hf_generate(lm, ids, mode == "static")
                 except Exception as e:  # noqa: BLE001 - reported, the rest still runs
                     res[f"hf_{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 save(res)
-    for key in ("ours_base", "hf_dynamic", "hf_static"):
+    for key in ("ours_base", "ours_compiled_base", "hf_dynamic", "hf_static"):
         if f"{key}_tok_s" in res:
             res[f"{key}_of_bound"] = res[f"{key}_tok_s"] / res["bound_base_tok_s"]
     res["ours_lora_of_bound"] = res["ours_lora_tok_s"] / res["bound_lora_tok_s"]

@@ -2,21 +2,28 @@
 # The GPU-kernels benchmarks of docs/BENCHMARKS.md on a lent GPU machine, in two calls made while the machine
 # is held (what the first leaves under /tmp/mm is there for the second; rm -rf /tmp/mm for a clean run). Fill .cuda/ and .cuda-ort/ first
 # with bench/gpu_cuda_carry.sh.
-#   bash bench/gpu_kernels.sh one    (carry .cuda)      build llama.cpp CUDA; 7B decode: torch backend vs
-#                                    transformers, our GGUF through the SDK vs plain Llama, against the bound;
-#                                    the tiny default: torch on CUDA, edge on the CPU, edge LLM on CUDA
-#   bash bench/gpu_kernels.sh two    (carry .cuda-ort)  onnxruntime's CUDA provider: the tiny default's edge
+#   bash bench/gpu_kernels.sh one    (carry .cuda)      build llama.cpp CUDA; 7B decode: torch backend (graphs,
+#                                    and graphs over a torch.compile'd step), our GGUF through the SDK vs plain
+#                                    Llama, against the bound; the tiny default: torch on CUDA, edge on the CPU
+#   bash bench/gpu_kernels.sh two    (carry .cuda-ort .cuda/head.tar.gz)  onnxruntime's CUDA provider: the tiny default's edge
 #                                    backend on CUDA, and `mmagent check --device cuda`
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
 #                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.
+# MM_TREE=head: run the package as last committed (.cuda/head.tar.gz, refreshed by gpu_cuda_carry.sh or
+# `git archive HEAD sdk train export recipes cli.py | gzip > .cuda/head.tar.gz`), not the working tree, where
+# other engineers' edits may be half done; the bench scripts are always the working tree's.
 set -uo pipefail
 root=$(pwd) W=/tmp/mm
 out=${OUT:-/tmp/out} res=/tmp/mm/results
 mkdir -p "$W" "$out" "$res"
+pkg=$root
+if [ "${MM_TREE:-work}" = head ]; then
+  rm -rf "$W"/tree && mkdir -p "$W"/tree && tar xzf "$root"/.cuda/head.tar.gz -C "$W"/tree && pkg=$W/tree
+fi
 shim=$(mktemp -d) && mkdir -p "$shim/mmagent"
-for f in "$root"/sdk/*; do ln -s "$f" "$shim/mmagent/"; done
-for d in train export recipes; do ln -s "$root/$d" "$shim/mmagent/$d"; done
+for f in "$pkg"/sdk/*; do ln -s "$f" "$shim/mmagent/"; done
+for d in train export recipes; do ln -s "$pkg/$d" "$shim/mmagent/$d"; done
 nvlibs=$(python3 -c "import glob, site; print(':'.join(sorted(glob.glob(site.getsitepackages()[0] + '/nvidia/**/lib', recursive=True))))")
 export PYTHONPATH=$shim:$W/site MMAGENT_CACHE=$W/cache LLAMA_CPP_LIB_PATH=$W/build/bin PYTHONUNBUFFERED=1 \
   LD_LIBRARY_PATH=$W/build/bin:$nvlibs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -46,36 +53,50 @@ one)
   tar xzf .cuda/cache.tar.gz -C "$W"/cache
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; python3 -V
   (nice -n 10 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc) &
-  # MM_7B_TORCH=0: only write the 7B GGUF and LoRA (the torch timings of an earlier run stand)
-  step 7b_torch timeout 420 python3 bench/decode_7b.py "$([ "${MM_7B_TORCH:-1}" = 0 ] && echo write || echo torch)" \
+  # MM_7B_TORCH=0: only write the 7B GGUF and LoRA (the torch timings of an earlier run stand); MM_7B_HF=0
+  # leaves out transformers' rows, MM_7B_COMPILE picks the compiled row's mode (bench/decode_7b.py)
+  step 7b_torch timeout 270 python3 bench/decode_7b.py "$([ "${MM_7B_TORCH:-1}" = 0 ] && echo write || echo torch)" \
     --work "$W"/7b --out "$res"/7b_torch.json
   step tiny_prepare python3 bench/tiny_gpu.py prepare --work "$W"/tiny ||
     { rm -rf "$W"/tiny; step tiny_prepare_committed committed python3 bench/tiny_gpu.py prepare --work "$W"/tiny; }
   wait
   echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
-  # the built libraries on a 1-layer model, CPU and GPU; if that crashes, a native backtrace (cuda-gdb debugs
-  # host code too; the image has no gdb)
-  smoke=(python3 -c "import sys, tempfile, pathlib; from mmagent.backends import llama_cpp as l
-p = pathlib.Path(tempfile.mkdtemp()) / 'probe.gguf'; l._write_probe_gguf(p)
-for layers in (0, -1):
-    with l.LlamaCppLM(p, n_ctx=32, n_threads=4, n_gpu_layers=layers, extra_buffer_types=False) as lm:
-        print('n_gpu_layers', layers, lm.next_token_logits([list(range(8))])[:3])")
-  step llama_smoke "${smoke[@]}" ||
-    step llama_backtrace cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args "${smoke[@]}"
-  step 7b_llama python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
-  step tiny_export env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny ||
+  # the built libraries on a 1-layer model: the CPU alone (GPU hidden), then every layer on the GPU; where
+  # one crashes, a native backtrace (cuda-gdb debugs host code too; the image has no gdb), then the CPU
+  # backend rebuilt plainer (AVX2, no OpenMP: only ggml-cpu recompiles) and tried again
+  cat > "$W"/smoke.py <<'PY'
+import pathlib, sys, tempfile
+from mmagent.backends import llama_cpp as l
+layers = int(sys.argv[1])
+print(l.system_info())
+p = pathlib.Path(tempfile.mkdtemp()) / "probe.gguf"
+l._write_probe_gguf(p)
+with l.LlamaCppLM(p, n_ctx=32, n_threads=4, n_gpu_layers=layers, extra_buffer_types=False) as lm:
+    print("n_gpu_layers", layers, lm.next_token_logits([list(range(8))])[:3])
+PY
+  smokes() { step llama_smoke_cpu env CUDA_VISIBLE_DEVICES= timeout 60 python3 -X faulthandler "$W"/smoke.py 0 &&
+             step llama_smoke_gpu timeout 60 python3 -X faulthandler "$W"/smoke.py -1; }
+  if ! smokes; then
+    step llama_backtrace_cpu env CUDA_VISIBLE_DEVICES= timeout 90 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" \
+      --args python3 "$W"/smoke.py 0
+    step llama_backtrace_gpu timeout 90 cuda-gdb -q -batch -ex run -ex bt --args python3 "$W"/smoke.py -1
+    step llama_rebuild_cpu bash -c "cmake -B '$W'/build -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF \
+      -DGGML_AVX512_BF16=OFF -DGGML_OPENMP=OFF > /dev/null && cmake --build '$W'/build -j$(nproc) --target llama"
+    smokes
+  fi
+  step 7b_llama timeout 300 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
+  step tiny_export env CUDA_VISIBLE_DEVICES= timeout 150 python3 bench/tiny_gpu.py export --work "$W"/tiny ||
     step tiny_export_committed committed env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny
-  step tiny_torch-cuda python3 bench/tiny_gpu.py bench --work "$W"/tiny --row torch-cuda --out "$res"/tiny_torch-cuda.json
-  step tiny_edge-cpu env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cpu --out "$res"/tiny_edge-cpu.json
-  step tiny_edge-cuda-llm python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda-llm --out "$res"/tiny_edge-cuda-llm.json
+  step tiny_torch-cuda timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row torch-cuda --out "$res"/tiny_torch-cuda.json
+  step tiny_edge-cpu env CUDA_VISIBLE_DEVICES= timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cpu --out "$res"/tiny_edge-cpu.json
   ;;
 two)
   [ -d "$W"/build/bin ] || { echo "no /tmp/mm/build: this is a fresh machine, run 'one' first"; exit 3; }
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
     .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
   step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
-  step tiny_edge-cuda python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda --out "$res"/tiny_edge-cuda.json
-  step check python3 cli.py check "$W"/tiny/bundle "$W"/tiny/vqa "$W"/tiny/caption --device cuda
+  step tiny_edge-cuda timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda --out "$res"/tiny_edge-cuda.json
+  step check timeout 180 python3 "$pkg"/cli.py check "$W"/tiny/bundle "$W"/tiny/vqa "$W"/tiny/caption --device cuda
   ;;
 ort)  # on its own, no llama.cpp (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort): the vision graph on CUDA
   rm -rf "$W"/site "$W"/tiny && mkdir -p "$W"/site "$W"/cache

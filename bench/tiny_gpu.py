@@ -47,7 +47,8 @@ def runs(work: Path) -> list[Path]:
 
 def export(work: Path, gguf: bool = True) -> None:
     from mmagent.export.bundle import export_bundle
-    export_bundle(runs(work), work / "bundle", gguf=gguf, onnx=True, quants=("f16",), force=True)
+    # q8_0 too: `mmagent check --device cuda` reports a quantised variant's agreement beside f16's identity
+    export_bundle(runs(work), work / "bundle", gguf=gguf, onnx=True, quants=("f16", "q8_0"), force=True)
 
 
 def load(row: str, work: Path):

@@ -132,6 +132,32 @@ def test_static_cache_steps_match_a_full_forward():
     assert int(step.token) == int(full.argmax()) and int(step.pos) == 9
 
 
+def test_compiled_decode_steps_write_what_eager_steps_write():
+    """MMAGENT_TORCH_COMPILE: the step traced by torch.compile (aot_eager here; inductor on the GPU) keeps its
+    in-place effects (next token, position, every layer's KV cache row), which a graph replay depends on;
+    an unknown mode is refused by name."""
+    from mmagent.train.builtin import init_base
+    from mmagent.train.graph_decode import GraphDecoder
+    from mmagent.train.vlm import VLM
+    vlm = VLM(*init_base("tiny"))
+    with pytest.raises(ValueError, match="MMAGENT_TORCH_COMPILE"):
+        GraphDecoder(vlm, compile_mode="fastest")
+    torch.manual_seed(0)
+    embeds = vlm.family.embed_tokens(vlm.base_model)(torch.randint(0, 4000, (1, 7)))
+    runs = []
+    for mode in (None, "aot_eager"):
+        decoder = GraphDecoder(vlm, use_graphs=False, compile_mode=mode)
+        tokens = decoder.generate(embeds, 6, stop_at_eos=False)
+        (step,) = decoder.steps.values()
+        assert (decoder._compiled is not None) == bool(mode)  # the decode steps went through torch.compile
+        runs.append((tokens, int(step.pos), [t.clone() for layer in step.cache.layers for t in (layer.keys, layer.values)]))
+    (eager_tokens, eager_pos, eager_cache), (tokens, pos, cache) = runs
+    assert tokens == eager_tokens and pos == eager_pos == 7 + 5
+    for got, want in zip(cache, eager_cache, strict=True):
+        assert want[..., :pos, :].abs().sum() > 0  # rows were written...
+        torch.testing.assert_close(got, want)  # ...and the compiled steps wrote the same ones
+
+
 @pytest.mark.slow
 def test_static_cache_steps_decode_as_the_dynamic_cache(two_runs, sample_image):
     """The GPU decode path's steps (static cache, 4-D masks, in-place token and position), run eagerly on
