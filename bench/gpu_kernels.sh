@@ -74,15 +74,21 @@ l._write_probe_gguf(p)
 with l.LlamaCppLM(p, n_ctx=32, n_threads=4, n_gpu_layers=layers, extra_buffer_types=False) as lm:
     print("n_gpu_layers", layers, lm.next_token_logits([list(range(8))])[:3])
 PY
-  smokes() { step llama_smoke_cpu env CUDA_VISIBLE_DEVICES= timeout 60 python3 -X faulthandler "$W"/smoke.py 0 &&
-             step llama_smoke_gpu timeout 60 python3 -X faulthandler "$W"/smoke.py -1; }
-  if ! smokes; then
-    step llama_backtrace_cpu env CUDA_VISIBLE_DEVICES= timeout 90 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" \
-      --args python3 "$W"/smoke.py 0
-    step llama_backtrace_gpu timeout 90 cuda-gdb -q -batch -ex run -ex bt --args python3 "$W"/smoke.py -1
+  smoke() {  # smoke NAME N_GPU_LAYERS
+    step "$1" timeout 60 python3 -X faulthandler "$W"/smoke.py "$2"
+  }
+  if ! CUDA_VISIBLE_DEVICES= smoke llama_smoke_cpu 0; then
+    step llama_backtrace_cpu env CUDA_VISIBLE_DEVICES= timeout 90 cuda-gdb -q -batch -ex run -ex bt \
+      -ex "info sharedlibrary" --args python3 "$W"/smoke.py 0
     step llama_rebuild_cpu bash -c "cmake -B '$W'/build -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF \
       -DGGML_AVX512_BF16=OFF -DGGML_OPENMP=OFF > /dev/null && cmake --build '$W'/build -j$(nproc) --target llama"
-    smokes
+    CUDA_VISIBLE_DEVICES= smoke llama_smoke_cpu_rebuilt 0
+  fi
+  if ! smoke llama_smoke_gpu -1; then
+    step llama_backtrace_gpu timeout 90 cuda-gdb -q -batch -ex run -ex bt --args python3 "$W"/smoke.py -1
+    export GGML_CUDA_NO_PINNED=1 GGML_CUDA_DISABLE_GRAPHS=1  # no pinned host buffers, no CUDA graphs
+    if smoke llama_smoke_gpu_plain -1; then declare -px GGML_CUDA_NO_PINNED GGML_CUDA_DISABLE_GRAPHS > "$W"/llama.env
+    else unset GGML_CUDA_NO_PINNED GGML_CUDA_DISABLE_GRAPHS; fi
   fi
   step 7b_llama timeout 300 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
   step tiny_export env CUDA_VISIBLE_DEVICES= timeout 150 python3 bench/tiny_gpu.py export --work "$W"/tiny ||
@@ -92,6 +98,7 @@ PY
   ;;
 two)
   [ -d "$W"/build/bin ] || { echo "no /tmp/mm/build: this is a fresh machine, run 'one' first"; exit 3; }
+  [ -f "$W"/llama.env ] && . "$W"/llama.env  # what `one` needed to run llama.cpp on the GPU
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
     .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
   step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
