@@ -42,7 +42,7 @@ def edge_outputs(bundle_dir, manifest: dict, quant: str, images: list, cases: li
         if strings is not None:
             pixels = np.concatenate([preprocess(im, edge.prompt["image"]) for im in images])
             out["tokens"] = [edge.tokenize(s) for s in strings]  # what the edge feeds llama.cpp
-            out["template"] = edge.template.apply_chat_template([{"role": "user", "content": "x"}])
+            out["template"] = rendered(edge.template)
             out["pixels"] = pixels
             said = edge.instruction_inputs([PROBE_INSTRUCTION] * len(images))  # InstructBLIP's Q-Former reads it
             out["vision"] = {a or "base": edge.vision.run(pixels, a if a and "bridge" in edge.has[a] else None, said)
@@ -67,13 +67,20 @@ def crash_hint() -> str:
     return "The crash is in native code (llama.cpp or onnxruntime); the bundle was not written." + amx
 
 
+def rendered(tokenizer) -> str | None:
+    """A one-turn chat through the template, or None for a checkpoint without one (InstructBLIP-Vicuna,
+    BLIP-2 OPT: their prompts are `Question: .. Answer:`)."""
+    if not tokenizer.chat_template:
+        return None
+    return tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+
+
 def check_tokenizer(backend, edge: dict) -> dict:
     template = backend.vlm.prompt_text("Describe the image.", "", 0, [("q?", "a.")])
     strings = [*PROBE_STRINGS, template]
     mismatched = [s for s, ids in zip(strings, edge["tokens"])
                   if backend.vlm.tokenizer(s, add_special_tokens=False).input_ids != ids]
-    theirs = backend.vlm.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                                       add_generation_prompt=True)
+    theirs = rendered(backend.vlm.tokenizer)
     return {"strings": len(strings), "mismatched": mismatched, "template_identical": edge["template"] == theirs}
 
 
@@ -133,7 +140,7 @@ def llm_outputs(bundle_dir, manifest: dict, quant: str, prompts: list, strings: 
         out = {"greedy": greedy}
         if strings is not None:
             out["tokens"] = [tokenize(s) for s in strings]
-            out["template"] = ChatTemplate(manifest["prompt"]).apply_chat_template([{"role": "user", "content": "x"}])
+            out["template"] = rendered(ChatTemplate(manifest["prompt"]))
         return out
 
 

@@ -1,5 +1,6 @@
 """LLaVA-1.5 for stock llama.cpp: our LLM GGUF + LoRA GGUF + mmproj GGUF answer through llama-cpp-python's own
-multimodal handler (MTMDChatHandler), and our own edge bundle stays exact and switchable."""
+multimodal handler (MTMDChatHandler), and our own edge bundle stays exact and switchable. The tiny checkpoint
+has LLaVA-1.5's kind of tokenizer (SentencePiece, tokenizer.model, `<image>` and `<pad>` added)."""
 import base64
 import ctypes
 import io
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 def llava_export(tmp_path_factory):
     from mmagent.export.bundle import export_bundle
     tmp = tmp_path_factory.mktemp("llava")
-    run = train_run(tmp, llava(tmp / "llava-1.5-tiny"), "vqa", 'lora.vision=["preset"]')
+    run = train_run(tmp, llava(tmp / "llava-1.5-tiny", tokenizer="spm"), "vqa", 'lora.vision=["preset"]')
     export_bundle([run], tmp / "bundle", gguf=True, onnx=True)
     return run, tmp / "bundle"
 
@@ -90,8 +91,13 @@ def test_llava_mmproj_and_gguf_answer_through_llama_cpp_pythons_multimodal_handl
 
 
 def test_llava_edge_bundle_is_exact_and_switchable(llava_export):
+    import gguf
     run, bundle = llava_export
-    sc = json.loads((bundle / "manifest.json").read_text())["selfcheck"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    sc = m["selfcheck"]
+    # LLaVA-1.5's SentencePiece tokenizer: llama.cpp's "llama" model in the GGUF, tokenizer.json for the edge
+    assert gguf.GGUFReader(bundle / "llm.f16.gguf").fields["tokenizer.ggml.model"].contents() == "llama"
+    assert m["prompt"]["llm_tokenizer"] in m["files"] and sc["tokenizer"]["mismatched"] == []
     assert sc["greedy_f16"]["identical"] == sc["greedy_f16"]["cases"] > 0
     diffs = sc["vision"]["max_abs_diff"]
     assert max(diffs.values()) <= sc["vision"]["tolerance"] and set(diffs) == {"preprocess", "base", "vqa"}

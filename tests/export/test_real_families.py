@@ -25,7 +25,7 @@ def image(tmp_path_factory):
 def instructblip_bundle(tmp_path_factory):
     from mmagent.export.bundle import export_bundle
     tmp = tmp_path_factory.mktemp("instructblip")
-    run = train_run(tmp, instructblip(tmp / "instructblip-vicuna-tiny"), "vqa")
+    run = train_run(tmp, instructblip(tmp / "instructblip-vicuna-tiny", tokenizer="spm"), "vqa")
     export_bundle([run], tmp / "bundle", gguf=True, onnx=True)
     return run, tmp / "bundle"
 
@@ -37,6 +37,9 @@ def test_instructblip_trains_with_the_familys_presets_and_exports_checked(instru
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["prompt"]["qformer_tokenizer"] in m["files"]  # the edge tokenises the instruction itself
     sc = m["selfcheck"]
+    # Vicuna's SentencePiece tokenizer, no chat template: `<image>...Question: .. Answer:` tokenised as torch does
+    assert m["prompt"]["llm_tokenizer"] in m["files"] and sc["tokenizer"]["mismatched"] == []
+    assert m["prompt"]["chat_template"] is None and sc["tokenizer"]["template_identical"]
     assert sc["greedy_f16"]["identical"] == sc["greedy_f16"]["cases"] > 0
     assert max(sc["vision"]["max_abs_diff"].values()) <= sc["vision"]["tolerance"]
 
