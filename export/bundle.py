@@ -105,11 +105,35 @@ def prompt_info(backend) -> dict:
             "n_image_tokens": vlm.family.n_image_tokens(model), "eos_token_id": vlm.tokenizer.eos_token_id,
             "stop_ids": [vlm.tokenizer.eos_token_id],  # where torch's decoding ends; the edge backend ends there too
             "bos_token": vlm.tokenizer.bos_token, "eos_token": vlm.tokenizer.eos_token,
-            "image": {"size": vlm.family.image_size(model), "mean": list(processor.image_mean),
-                      "std": list(processor.image_std), "resample": int(getattr(processor, "resample", 3))},
+            "image": image_spec(processor, vlm.family.image_size(model)),
             **({"llm_tokenizer": "tokenizer/tokenizer.json"} if sentencepiece_style(vlm.tokenizer) else {}),
             **({"qformer_tokenizer": f"{QFORMER_TOKENIZER}/tokenizer.json",
                 "qformer_max_tokens": vlm.family.max_instruction_tokens(model)} if vlm.family.reads_instruction else {})}
+
+
+def _size(value) -> dict | None:
+    """An image processor's size (a SizeDict or dict) as a plain dict of its set keys."""
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, dict) else vars(value).items()
+    return {k: int(v) for k, v in items if v is not None}
+
+
+def image_spec(processor, size: int) -> dict:
+    """The image processor's steps as the edge repeats them (mmagent.backends.edge.preprocess): pad to a
+    square (LLaVA's processor with do_pad), resize (a fixed size, or the shortest edge: CLIP), centre crop,
+    rescale, normalise. A size rule the edge cannot repeat is refused here, before anything is written."""
+    flag = lambda name, default=False: bool(getattr(processor, name, default))  # noqa: E731
+    resize = _size(processor.size) if flag("do_resize", True) else None
+    if resize and set(resize) not in ({"height", "width"}, {"shortest_edge"}):
+        raise ExportError(f"the image processor resizes by {resize}; the edge runtime repeats a fixed height x width "
+                          "or a shortest edge only (BLIP's, CLIP's); export with --merged, or without --onnx")
+    crop = _size(getattr(processor, "crop_size", None)) if flag("do_center_crop") else None
+    return {"size": size, "mean": [float(m) for m in processor.image_mean], "std": [float(s) for s in processor.image_std],
+            "resample": int(getattr(processor, "resample", 3)), "resize": resize, "crop": crop,
+            "pad_to_square": flag("do_pad") and type(processor).__name__.startswith("LlavaImageProcessor"),
+            "rescale": float(processor.rescale_factor) if flag("do_rescale", True) else 1.0,
+            "normalize": flag("do_normalize", True)}
 
 
 def sentencepiece_style(tokenizer) -> bool:

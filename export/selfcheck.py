@@ -26,9 +26,13 @@ PROMPTS = {"vqa": ["is there a circle?", "how many squares are there?"], "captio
 
 
 def probe_images(size: int) -> list:
+    """Three scenes; the last stretched to 3:2, so that the edge's resize / crop / pad is checked against the
+    checkpoint's image processor on an image that is not square."""
     from mmagent.train.data.shapes import draw_scene, sample_scene
     rng = random.Random("selfcheck")
-    return [draw_scene(sample_scene(rng), size) for _ in range(3)]
+    images = [draw_scene(sample_scene(rng), size) for _ in range(3)]
+    images[-1] = images[-1].resize((size * 3 // 2, size))
+    return images
 
 
 def edge_outputs(bundle_dir, manifest: dict, quant: str, images: list, cases: list, strings: list | None) -> dict:

@@ -79,11 +79,58 @@ class PromptTokenizer:
 
 
 def preprocess(image: Image.Image, spec: dict) -> np.ndarray:
-    """Resize, rescale and normalise as BLIP's image processor does: (1, 3, S, S) float32."""
-    size = spec["size"]
-    arr = np.asarray(image.convert("RGB").resize((size, size), resample=spec.get("resample", 3)), dtype=np.float32)
-    arr = (arr / 255.0 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
-    return arr.transpose(2, 0, 1)[None]
+    """The checkpoint's image processor, repeated with PIL + numpy as transformers' PIL backend does it:
+    (1, 3, H, W) float32. BLIP resizes to a square; CLIP (LLaVA-1.5) resizes the shortest edge and crops the
+    centre; LLaVA's own processor with `do_pad` first pads to a square of the mean colour. `spec` is the
+    manifest's `prompt.image` (mmagent.export.bundle.image_spec); one without `resize` (written before these
+    steps were recorded) resizes to a `size` square."""
+    arr = np.asarray(image.convert("RGB"))
+    if spec.get("pad_to_square"):
+        arr = _pad_to_square(arr, [int(m * 255) for m in spec["mean"]])
+    resize = spec["resize"] if "resize" in spec else {"height": spec["size"], "width": spec["size"]}
+    if resize:
+        height, width = _resized(arr.shape[:2], resize)
+        arr = np.asarray(Image.fromarray(arr).resize((width, height), resample=spec.get("resample", 3)))
+    if spec.get("crop"):
+        arr = _centre_crop(arr, spec["crop"]["height"], spec["crop"]["width"])
+    x = (arr.astype(np.float64) * spec.get("rescale", 1 / 255)).astype(np.float32)
+    if spec.get("normalize", True):
+        x = (x - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def _pad_to_square(arr: np.ndarray, colour: list[int]) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h == w:
+        return arr
+    out = np.empty((max(h, w), max(h, w), 3), arr.dtype)
+    out[:] = colour
+    top, left = (max(h, w) - h) // 2, (max(h, w) - w) // 2
+    out[top:top + h, left:left + w] = arr
+    return out
+
+
+def _resized(hw: tuple[int, int], resize: dict) -> tuple[int, int]:
+    """(height, width) after resizing: a fixed size, or the shortest edge to a length, the other edge scaled
+    and truncated (transformers' get_resize_output_image_size)."""
+    if "shortest_edge" not in resize:
+        return resize["height"], resize["width"]
+    h, w = hw
+    short, long = min(h, w), max(h, w)
+    new_short, new_long = resize["shortest_edge"], int(resize["shortest_edge"] * long / short)
+    return (new_long, new_short) if w <= h else (new_short, new_long)
+
+
+def _centre_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centre height x width; an image smaller than that is zero-padded around first, as transformers does."""
+    h, w = arr.shape[:2]
+    if h < height or w < width:
+        big = np.zeros((max(h, height), max(w, width), arr.shape[2]), arr.dtype)
+        top, left = -(-(big.shape[0] - h) // 2), -(-(big.shape[1] - w) // 2)  # ceil, as transformers
+        big[top:top + h, left:left + w] = arr
+        arr, h, w = big, *big.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    return arr[top:top + height, left:left + width]
 
 
 class EdgeBackend:
