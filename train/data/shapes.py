@@ -35,7 +35,7 @@ COLUMNS = ("left", "middle", "right")
 ROWS = ("top", "middle", "bottom")
 NUMBER_WORDS = ("zero", "one", "two", "three")
 SPLITS = {"train": "train2014", "val": "val2014", "comp": "valcomp2014"}
-WORLD_VERSION = 7  # bump when the generator's output changes, so cached worlds are rewritten
+WORLD_VERSION = 6  # bump when the generator's output changes, so cached worlds are rewritten
 
 
 @dataclass(frozen=True)
@@ -105,22 +105,20 @@ def _count_phrase(n: int, colour: str | None, kind: str) -> str:
     return " ".join(words)
 
 
-def _inventory(scene: list[Shape], world: str) -> str:
-    """"circles: 2" a line per shape of the world, zeros included: what "how many circles?" asks.
+def _inventory(scene: list[Shape], pairs: list[tuple[str, str]], world: str) -> str:
+    """"red circle: 2" a line per colour x shape, then "squares: 0" for each shape the scene lacks.
 
     Without the zeros no caption says "0", and a language model trained from scratch on captions never
-    learns the most common answer to "how many ...?" (measured: it gave "0" 2% of the probability). With
-    counts only per colour x shape (world v6), a total had to be summed across colours."""
-    return "\n".join(f"{k}s: {sum(s.kind == k for s in scene)}" for k in WORLDS[world][0])
+    learns the most common answer to "how many ...?" (measured: it gave "0" 2% of the probability)."""
+    lines = [f"{c} {k}: {sum((s.colour, s.kind) == (c, k) for s in scene)}" for c, k in pairs]
+    return "\n".join(lines + [f"{k}s: 0" for k in WORLDS[world][0] if all(s.kind != k for s in scene)])
 
 
 def captions(scene: list[Shape], rng: random.Random, world: str = "base") -> list[str]:
-    """Five captions in different styles, like COCO's five annotators: four name every object's colour,
-    shape and place (a caption that leaves one out is wrong, not just another style), one counts shapes."""
+    """Five captions in different styles, like COCO's five annotators; each names every object's colour
+    and shape, so a caption that leaves one out is wrong, not just another style."""
     parts = [s.phrase() for s in scene]
     listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    # place first, as "what shape is at the top left?" asks: every other style names a place after its shape
-    by_place = "; ".join(f"{s.place}, a {'large' if s.large else 'small'} {s.colour} {s.kind}" for s in scene)
     pairs = sorted({(s.colour, s.kind) for s in scene})
     counted = [_count_phrase(sum((s.colour, s.kind) == p for s in scene), *p) for p in pairs]
     counts = counted[0] if len(counted) == 1 else ", ".join(counted[:-1]) + " and " + counted[-1]
@@ -128,9 +126,9 @@ def captions(scene: list[Shape], rng: random.Random, world: str = "base") -> lis
     out = [
         f"{listing}.",
         f"a picture of {counts}.",
-        f"{n} shape{'s' if n > 1 else ''}: {by_place}.",
+        f"{n} shape{'s' if n > 1 else ''}: {listing}.",
         "\n".join(f"{s.colour} {s.kind} {s.place}" for s in scene),  # one object a line
-        _inventory(scene, world),  # counts per shape, zeros included
+        _inventory(scene, pairs, world),  # counts, zeros included
     ]
     rng.shuffle(out)
     return out
