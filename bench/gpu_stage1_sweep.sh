@@ -47,6 +47,28 @@ if [ "${SWEEP:-1}" = 5 ]; then  # world v5: a caption that counts every shape, z
   [R1_world5_contrast1000_1500]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=1000"
   [R2_world5_2000]="--queries 16 --steps 2000 --vqa-steps 600"
 ); fi
+if [ "${SWEEP:-1}" = 6 ]; then  # world v7 (a place-first caption, counts per shape) against v6, two seeds;
+  vqa="tasks.0.max_eval=600"    # C6_* run the v6 code carried as .carry-sweep/head.tar.gz (its own cache)
+  s1="--align run.seed=1 --vqa run.seed=1"
+  variants=(
+  [C6_s0]="--queries 16 --steps 1500 --vqa-steps 600"
+  [C6_s1]="--queries 16 --steps 1500 --vqa-steps 600 $s1"
+  [W7_s0]="--queries 16 --steps 1500 --vqa-steps 600 1000"
+  [W7_s1]="--queries 16 --steps 1500 --vqa-steps 600 $s1"
+  [W7_2000_s0]="--queries 16 --steps 2000 --vqa-steps 600"
+  [W7_2000_s1]="--queries 16 --steps 2000 --vqa-steps 600 $s1"
+  [W7_contrast600_s0]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=600"
+); fi
+if [ -f .carry-sweep/head.tar.gz ]; then  # the committed code, for the control variants (C*)
+  head=$(mktemp -d) && tar xzf .carry-sweep/head.tar.gz -C "$head" && mkdir -p "$head/shim/mmagent"
+  for f in "$head"/sdk/*; do ln -s "$f" "$head/shim/mmagent/"; done
+  for d in train export recipes; do ln -s "$head/$d" "$head/shim/mmagent/$d"; done
+  cp -r "$MMAGENT_CACHE" "$head/cache"
+  (cd "$head" && PYTHONPATH=$head/shim:${PYTHONPATH#*:} MMAGENT_CACHE=$head/cache python3 -c "
+from mmagent.train.data.tasks import shapes_files
+from mmagent.train.recipe import DataSection
+shapes_files(DataSection(train_images=4000, image_size=64))")
+fi
 python3 - <<'PY'  # write the worlds once, before the variants read them concurrently
 from mmagent.train.data.tasks import shapes_files
 from mmagent.train.recipe import DataSection
@@ -56,7 +78,8 @@ for n in (4000, 2000):
 PY
 for name in "${!variants[@]}"; do
   case "${variants[$name]}" in *--steps*) args="";; *) args="--steps $steps --vqa-steps 300";; esac
-  eval "OMP_NUM_THREADS=2 python3 bench/stage1_curve.py $args --queries 8 --out \"$out/$name.json\" --align $common \
+  env=""; [[ $name == C* && -n ${head:-} ]] && env="PYTHONPATH=$head/shim:${PYTHONPATH#*:} MMAGENT_CACHE=$head/cache"
+  eval "$env OMP_NUM_THREADS=2 python3 bench/stage1_curve.py $args --queries 8 --out \"$out/$name.json\" --align $common \
     --vqa $vqa ${variants[$name]}" > "$out/$name.log" 2>&1 &
 done
 wait
