@@ -26,7 +26,7 @@ def instructblip_bundle(tmp_path_factory):
     from mmagent.export.bundle import export_bundle
     tmp = tmp_path_factory.mktemp("instructblip")
     run = train_run(tmp, instructblip(tmp / "instructblip-vicuna-tiny", tokenizer="spm"), "vqa")
-    export_bundle([run], tmp / "bundle", gguf=True, onnx=True)
+    export_bundle([run], tmp / "bundle", gguf=True, onnx=True, merged=True)
     return run, tmp / "bundle"
 
 
@@ -40,6 +40,9 @@ def test_instructblip_trains_with_the_familys_presets_and_exports_checked(instru
     # Vicuna's SentencePiece tokenizer, no chat template: `<image>...Question: .. Answer:` tokenised as torch does
     assert m["prompt"]["llm_tokenizer"] in m["files"] and sc["tokenizer"]["mismatched"] == []
     assert m["prompt"]["chat_template"] is None and sc["tokenizer"]["template_identical"]
+    # the merged directory keeps the hub layout: tokenizer.model for GGUF converters, the LoRA folded in
+    assert (bundle / m["merged"]["vqa"] / "tokenizer.model").is_file()
+    assert sc["merged"]["vqa"]["identical"] == sc["merged"]["vqa"]["cases"] > 0
     assert sc["greedy_f16"]["identical"] == sc["greedy_f16"]["cases"] > 0
     assert max(sc["vision"]["max_abs_diff"].values()) <= sc["vision"]["tolerance"]
 
