@@ -2,6 +2,8 @@
 as LLaMA's was, laid out as the hub checkpoints ship it, written by our writer and read back by llama.cpp."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("llava-tok")
     tok = spm_tokenizer(tmp_path_factory.mktemp("spm"), ADDED, pad="<pad>")
     tok.save_pretrained(out)
-    (out / "tokenizer.model").write_bytes(tok.vocab_file and open(tok.vocab_file, "rb").read())
+    (out / "tokenizer.model").write_bytes(Path(tok.vocab_file).read_bytes())  # hub checkpoints ship it
     return out
 
 
@@ -155,3 +157,16 @@ def test_tokenizers_the_writer_cannot_write_are_refused_naming_the_way_that_work
     wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(UnsupportedTokenizer, match="WordPiece.*--onnx --merged.*convert_hf_to_gguf"):
         check_tokenizer(PreTrainedTokenizerFast(tokenizer_object=wordpiece))
+
+
+def test_a_unigram_sentencepiece_model_is_refused(tokenizer, checkpoint, tmp_path):
+    """llama.cpp's `llama` tokenizer merges pieces by score, which is SentencePiece BPE; a Unigram model
+    (T5's kind) would tokenise differently there."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb
+    tokenizer.save_pretrained(tmp_path)
+    proto = spm_pb.ModelProto()
+    proto.ParseFromString((checkpoint / "tokenizer.model").read_bytes())
+    proto.trainer_spec.model_type = spm_pb.TrainerSpec.UNIGRAM
+    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(UnsupportedTokenizer, match="UNIGRAM model.*--onnx --merged"):
+        check_tokenizer(AutoTokenizer.from_pretrained(tmp_path))
