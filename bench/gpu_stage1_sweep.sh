@@ -59,7 +59,15 @@ if [ "${SWEEP:-1}" = 6 ]; then  # world v7 (a place-first caption, counts per sh
   [W7_2000_s1]="--queries 16 --steps 2000 --vqa-steps 600 $s1"
   [W7_contrast600_s0]="--queries 16 --steps 1500 --vqa-steps 600 --align contrast.steps=600"
 ); fi
-if [ -f .carry-sweep/head.tar.gz ]; then  # the committed code, for the control variants (C*)
+if [ "${SWEEP:-1}" = 7 ]; then  # the default as it is (world v6, 16 queries, recipes/vqa.toml) against
+  vqa="tasks.0.max_eval=600"    # stage-1 steps, two seeds: the curve of docs/RESULTS.md (--plot)
+  variants=()
+  for n in 600 1200 1800 2400 3000; do
+    variants[T${n}_s0]="--queries 16 --steps $n --vqa-steps 600"
+    variants[T${n}_s1]="--queries 16 --steps $n --vqa-steps 600 --align run.seed=1 --vqa run.seed=1"
+  done
+fi
+if [[ ${SWEEP:-1} == 6 && -f .carry-sweep/head.tar.gz ]]; then  # the committed code, for the control variants (C*)
   head=$(mktemp -d) && tar xzf .carry-sweep/head.tar.gz -C "$head" && mkdir -p "$head/shim/mmagent"
   for f in "$head"/sdk/*; do ln -s "$f" "$head/shim/mmagent/"; done
   for d in train export recipes; do ln -s "$head/$d" "$head/shim/mmagent/$d"; done

@@ -71,9 +71,39 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def curve(files: list[Path], seconds_per_step: float, vqa_steps: int = 600) -> dict:
+    """Accuracy against stage-1 time: every point of `files` with `vqa_steps` VQA steps, grouped by
+    stage-1 steps, mean over seeds, with the seeds themselves as points; x in minutes of this machine
+    (stage-1 steps x `seconds_per_step`, measured by the main job)."""
+    from statistics import mean
+    by_steps: dict[int, list[dict]] = {}
+    for f in files:
+        for p in json.loads(f.read_text())["points"]:
+            if p.get("vqa_steps") == vqa_steps:
+                by_steps.setdefault(p["stage1_steps"], []).append(p)
+    steps = sorted(by_steps)
+    x = [round(n * seconds_per_step / 60, 2) for n in steps]
+    series = {"right image": ("right", "C0"), "shuffled image": ("shuffled", "C1"),
+              "base caption object recall (%)": ("base_caption_object_recall", "C2")}
+    lines = [{"label": label, "x": x, "y": [round(mean(p[k] for p in by_steps[n]), 1) for n in steps],
+              "style": "control" if k != "base_caption_object_recall" else "dashed", "colour": colour}
+             for label, (k, colour) in series.items()]
+    seeds = [(xi, p["right"]) for xi, n in zip(x, steps) for p in by_steps[n]]
+    lines.append({"label": "right image, each seed", "x": [a for a, _ in seeds], "y": [b for _, b in seeds],
+                  "style": "point", "colour": "C0"})
+    lines.append({"label": "the bar (80)", "x": [0, max(x)], "y": [80, 80], "style": "reference", "colour": "C3"})
+    return {"kind": "lines", "title": f"held-out VQA ({vqa_steps} adapter steps) against stage-1 time",
+            "xlabel": f"stage-1 minutes on 2 cores ({seconds_per_step:.3f} s a step)",
+            "ylabel": "VQA accuracy / recall (%)", "lines": lines,
+            "points": {str(n): by_steps[n] for n in steps}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", type=Path, help="print the table of a folder of sweep JSONs and stop")
+    ap.add_argument("--plot", type=Path, nargs="+", metavar="JSON... OUT",
+                    help="draw accuracy against stage-1 time from sweep JSONs into OUT.png/.svg/.json and stop")
+    ap.add_argument("--seconds-per-step", type=float, default=0.23, help="stage-1 seconds a step, for --plot")
     ap.add_argument("--steps", type=int, nargs="+")
     ap.add_argument("--vqa-steps", type=int, nargs="+", default=[300])
     ap.add_argument("--align", nargs="*", action="extend", default=[])
@@ -85,6 +115,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
+        return
+    if args.plot:
+        from mmagent.train.plots import draw
+        print(draw(curve(args.plot[:-1], args.seconds_per_step), args.plot[-1]))
         return
     from mmagent.train import builtin  # architecture variants for this experiment only, not the cached bases
     for target, changes in ((builtin.VISION, args.vision), (builtin.QFORMER, args.qformer)):
