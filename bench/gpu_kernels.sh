@@ -61,9 +61,10 @@ one)
     { rm -rf "$W"/tiny; step tiny_prepare_committed committed python3 bench/tiny_gpu.py prepare --work "$W"/tiny; }
   wait
   echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
-  # the built libraries on a 1-layer model: the CPU alone (GPU hidden), then every layer on the GPU; where
-  # one crashes, a native backtrace (cuda-gdb debugs host code too; the image has no gdb), then the CPU
-  # backend rebuilt plainer (AVX2, no OpenMP: only ggml-cpu recompiles) and tried again
+  # the built libraries on a 1-layer model, every layer on the GPU, then the CPU alone (GPU hidden). On a
+  # crash: a native backtrace (cuda-gdb needs a visible GPU; the image has no gdb), then the system libstdc++
+  # preloaded (kept for the rest and for `two` if that helps): the last build crashed in a library's own
+  # static copy of it (gpu_build_llama.sh)
   cat > "$W"/smoke.py <<'PY'
 import pathlib, sys, tempfile
 from mmagent.backends import llama_cpp as l
@@ -77,19 +78,14 @@ PY
   smoke() {  # smoke NAME N_GPU_LAYERS
     step "$1" timeout 60 python3 -X faulthandler "$W"/smoke.py "$2"
   }
-  if ! CUDA_VISIBLE_DEVICES= smoke llama_smoke_cpu 0; then
-    step llama_backtrace_cpu env CUDA_VISIBLE_DEVICES= timeout 90 cuda-gdb -q -batch -ex run -ex bt \
-      -ex "info sharedlibrary" --args python3 "$W"/smoke.py 0
-    step llama_rebuild_cpu bash -c "cmake -B '$W'/build -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF \
-      -DGGML_AVX512_BF16=OFF -DGGML_OPENMP=OFF > /dev/null && cmake --build '$W'/build -j$(nproc) --target llama"
-    CUDA_VISIBLE_DEVICES= smoke llama_smoke_cpu_rebuilt 0
-  fi
   if ! smoke llama_smoke_gpu -1; then
-    step llama_backtrace_gpu timeout 90 cuda-gdb -q -batch -ex run -ex bt --args python3 "$W"/smoke.py -1
-    export GGML_CUDA_NO_PINNED=1 GGML_CUDA_DISABLE_GRAPHS=1  # no pinned host buffers, no CUDA graphs
-    if smoke llama_smoke_gpu_plain -1; then declare -px GGML_CUDA_NO_PINNED GGML_CUDA_DISABLE_GRAPHS > "$W"/llama.env
-    else unset GGML_CUDA_NO_PINNED GGML_CUDA_DISABLE_GRAPHS; fi
+    step llama_backtrace_gpu timeout 90 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" \
+      --args python3 "$W"/smoke.py -1
+    stdcxx=$(ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')
+    export LD_PRELOAD=${stdcxx:-/lib/x86_64-linux-gnu/libstdc++.so.6}
+    if smoke llama_smoke_gpu_preload -1; then declare -px LD_PRELOAD > "$W"/llama.env; else unset LD_PRELOAD; fi
   fi
+  CUDA_VISIBLE_DEVICES= smoke llama_smoke_cpu 0
   step 7b_llama timeout 300 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
   step tiny_export env CUDA_VISIBLE_DEVICES= timeout 150 python3 bench/tiny_gpu.py export --work "$W"/tiny ||
     step tiny_export_committed committed env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny

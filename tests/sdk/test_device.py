@@ -132,6 +132,7 @@ def test_static_cache_steps_match_a_full_forward():
     assert int(step.token) == int(full.argmax()) and int(step.pos) == 9
 
 
+@pytest.mark.slow
 def test_compiled_decode_steps_write_what_eager_steps_write():
     """MMAGENT_TORCH_COMPILE: the step traced by torch.compile (aot_eager here; inductor on the GPU) keeps its
     in-place effects (next token, position, every layer's KV cache row), which a graph replay depends on;
