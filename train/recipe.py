@@ -121,6 +121,11 @@ class TrainSection:
                         "the first steps pay the compilation", False)
     group_by_length: bool = doc("sort each optimizer step's examples by length before cutting them into "
                                 "micro-batches and GPU shares, so short examples are not padded to long ones", True)
+    cuda_graphs: bool = doc("replay each micro-batch's forward and backward as one CUDA graph (captured once per "
+                            "batch shape; sequences padded to a multiple of 32): the host no longer launches "
+                            "thousands of kernels one by one. CUDA, one process, decoder-only LLMs; else ignored", False)
+    fused_ops: bool = doc("the LLM's RMSNorm through torch's fused kernel and its rotary embedding compiled into "
+                          "one kernel (CUDA)", False)
 
 
 @dataclass

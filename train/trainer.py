@@ -76,6 +76,7 @@ def add_task_losses(sums: dict, tokens: torch.Tensor, batch: dict) -> None:
     """Add each task's answer-token losses (sum, count) from one micro-batch: rows of the batch are
     examples, `tokens` their answer tokens in row order (VLM.loss with reduction="none")."""
     rows = (batch["labels"][:, 1:] != -100).nonzero()[:, 0]
+    tokens = tokens[:len(rows)]  # a static batch pads its answer tokens at the end (losses of 0)
     per_row = torch.zeros(len(batch["tasks"]), device=tokens.device).index_add_(0, rows, tokens.float())
     counts = torch.bincount(rows, minlength=len(batch["tasks"]))
     for task, s, n in zip(batch["tasks"], per_row.tolist(), counts.tolist()):
@@ -130,6 +131,7 @@ class Trainer:
         self.forward = self.ranks.wrap(LossForward(self.vlm, self.soft_prompt))  # DDP on several processes
         self._setup_optimizer()
         self.loss_vocab = self._target_vocab() if r.train.loss_vocab == "targets" and self.train_records else None
+        self.graphs = self._graphs()
         self.step, self.position = 0, 0
         if self.resume:
             self._resume()
@@ -268,9 +270,41 @@ class Trainer:
         if t.gradient_checkpointing and not self.evaluate_only:
             enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable  # 5.24 renamed it
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._lora_layers = [m for m in self.vlm.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        if t.fused_ops and not self.evaluate_only:
+            from mmagent.train.fused import fuse_rms_norms, fuse_rotary
+            fuse_rms_norms(self.vlm.family.decoder(base))
+            fuse_rotary(self.vlm.family.decoder(base))
         if t.compile and not self.evaluate_only:
             for layer in self.vlm.family.decoder(base).layers:  # one compiled graph, reused by every layer
                 layer.compile()
+
+    def _graphs(self):
+        """The CUDA-graph step (train.cuda_graphs) where it applies: CUDA, one process, a decoder-only LLM."""
+        t = self.recipe.train
+        if not t.cuda_graphs or self.evaluate_only:
+            return None
+        why = ("no CUDA device" if self.device.type != "cuda" else f"{self.ranks.world} processes (DDP)"
+               if self.ranks.world > 1 else "an encoder-decoder LLM" if self.vlm.seq2seq else "")
+        if why:
+            self.console.print(f"[yellow]train.cuda_graphs: {why}; training without CUDA graphs")
+            return None
+        from mmagent.train.graph_step import GraphedStep
+        return GraphedStep(self.forward, list(self.params.values()), self.precision != "fp32", self.loss_vocab)
+
+    @contextmanager
+    def _lora_in_compute_dtype(self):
+        """Under autocast, PEFT's cast of each adapted layer's input to the adapter's float32 is a full copy
+        of the activations that autocast casts straight back to bf16 for the product: skip it while
+        training (evaluation without autocast needs it)."""
+        layers = self._lora_layers if self.precision != "fp32" else []
+        for m in layers:
+            m.cast_input_dtype_enabled = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.cast_input_dtype_enabled = True
 
     def _make_trainable(self) -> None:
         r, vlm = self.recipe, self.vlm
@@ -371,7 +405,32 @@ class Trainer:
         instruction = self.vlm.instruction_inputs([e.instruction for e in encoded])  # InstructBLIP's Q-Former
         if instruction is not None:
             batch["qformer_input_ids"], batch["qformer_attention_mask"] = instruction
+        if getattr(self, "graphs", None) is not None:
+            batch = self._static(batch)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _static(self, batch: dict) -> dict:
+        """A batch for CUDA graphs: lengths padded to a few shapes, answer positions as indices (VLM.loss
+        reads nothing back from the device then), every row's placeholders checked here on the host."""
+        from mmagent.train.graph_step import ANSWERS_TO, PAD_TO
+        ids, labels = batch["input_ids"], batch["labels"]
+        counts = (ids == self.vlm.family.image_token_id(self.vlm.base_model)).sum(1)
+        if bool((counts != counts[0]).any()):
+            raise DataError(f"image placeholders per example differ ({counts.tolist()}); build prompts with VLM.encode")
+        pad = -ids.shape[1] % PAD_TO
+        batch["input_ids"] = torch.nn.functional.pad(ids, (0, pad), value=self.vlm.tokenizer.pad_token_id or 0)
+        batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, pad))
+        batch["labels"] = labels = torch.nn.functional.pad(labels, (0, pad), value=-100)
+        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+        extra = -len(rows) % ANSWERS_TO
+        batch["answer_index"] = torch.cat([rows * labels.shape[1] + cols, torch.zeros(extra, dtype=torch.long)])
+        batch["answer_targets"] = torch.cat([labels[rows, cols + 1], torch.full((extra,), -100)])
+        if "qformer_input_ids" in batch:  # the instruction's length too
+            q = -batch["qformer_input_ids"].shape[1] % 8
+            batch["qformer_input_ids"] = torch.nn.functional.pad(batch["qformer_input_ids"], (0, q),
+                                                                 value=self.vlm.qformer_tokenizer.pad_token_id or 0)
+            batch["qformer_attention_mask"] = torch.nn.functional.pad(batch["qformer_attention_mask"], (0, q))
+        return batch
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision != "fp32")
@@ -381,15 +440,21 @@ class Trainer:
         step = next(steps)
         total, per_task = 0.0, {}
         batches = step["batches"]
-        for i, batch in enumerate(batches):
-            with self.ranks.no_sync(self.forward, i == len(batches) - 1):
-                with self.autocast():
-                    tokens = self.forward(batch, self.loss_vocab)
-                    # DDP averages gradients over ranks: times world / global count = the step's token mean
-                    loss = tokens.sum() * (self.ranks.world / max(1, step["answer_tokens"]))
-                loss.backward()
-            total += loss.item() / self.ranks.world
-            add_task_losses(per_task, tokens.detach(), batch)
+        # DDP averages gradients over ranks: times world / global count = the step's token mean
+        scale = self.ranks.world / max(1, step["answer_tokens"])
+        with self._lora_in_compute_dtype():
+            for i, batch in enumerate(batches):
+                done = self.graphs.step(batch, scale, first=i == 0) if self.graphs is not None else None
+                if done is not None:  # replayed as a CUDA graph
+                    tokens, loss = done
+                else:
+                    with self.ranks.no_sync(self.forward, i == len(batches) - 1):
+                        with self.autocast():
+                            tokens = self.forward(batch, self.loss_vocab)
+                            loss = tokens.sum() * scale
+                        loss.backward()
+                total += loss.item() / self.ranks.world
+                add_task_losses(per_task, tokens.detach(), batch)
         total = self._agree(total, per_task)
         self.position, self.step_tokens = step["position"], step["tokens"]
         self.task_loss = {task: s / n for task, (s, n) in sorted(per_task.items()) if n}

@@ -92,25 +92,39 @@ class VLM:
     def input_embeds(self, input_ids, pixel_values, soft_prompt=None, instruction=None) -> torch.Tensor:
         return self.embed_with(input_ids, self.image_embeds(pixel_values, soft_prompt, instruction))
 
-    def embed_with(self, input_ids, feats) -> torch.Tensor:
-        """Token embeddings with the placeholders filled by `feats` (B, n_soft + n_image, H) in order."""
+    def embed_with(self, input_ids, feats, static: bool = False) -> torch.Tensor:
+        """Token embeddings with the placeholders filled by `feats` (B, n_soft + n_image, H) in order.
+        static: no step waits on the device (CUDA graphs); the caller has checked that every row holds
+        exactly n_soft + n_image placeholders, and row b's k-th placeholder takes feats[b, k]."""
         embeds = self.family.embed_tokens(self.base_model)(input_ids)
         mask = (input_ids == self.family.image_token_id(self.base_model)).unsqueeze(-1)
+        if static:
+            order = (mask.squeeze(-1).long().cumsum(1) - 1).clamp(0, feats.shape[1] - 1)
+            picked = feats.to(embeds.dtype).gather(1, order.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            return torch.where(mask, picked, embeds)
         if int(mask.sum()) != feats.shape[0] * feats.shape[1]:
             raise ValueError(f"prompt has {int(mask.sum())} image placeholders, expected "
                              f"{feats.shape[0] * feats.shape[1]}; build prompts with VLM.encode")
         return embeds.masked_scatter(mask, feats.to(embeds.dtype))
 
-    def hidden(self, inputs_embeds, attention_mask, **kw):
+    def hidden(self, inputs_embeds, attention_mask, static: bool = False, **kw):
+        """static (right-padded training batches): no attention mask for the decoder, only causality. A real
+        token never attends to the padding after it, so its output is the same, and transformers need not
+        read the mask on the host to pick the kernel (which a CUDA graph cannot do)."""
         # Positions count real tokens only, so a left-padded row sees the same positions as an unpadded one.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+        # No key/value cache unless decoding asks for one: transformers' default (config.use_cache) builds one
+        # in training too, a copy of every layer's keys and values (4.5 GB at B16·T544 on a 7B)
+        kw.setdefault("use_cache", False)
         return self.family.decoder(self.base_model)(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kw)
+            inputs_embeds=inputs_embeds, attention_mask=None if static else attention_mask,
+            position_ids=position_ids, **kw)
 
     def _last_hidden(self, batch: dict, soft_prompt) -> torch.Tensor:
-        embeds = self.input_embeds(batch["input_ids"], batch["pixel_values"], soft_prompt,
-                                   self.batch_instruction(batch))
-        return self.hidden(embeds, batch["attention_mask"]).last_hidden_state
+        static = "answer_index" in batch  # a static batch (Trainer.collate with CUDA graphs)
+        feats = self.image_embeds(batch["pixel_values"], soft_prompt, self.batch_instruction(batch))
+        embeds = self.embed_with(batch["input_ids"], feats, static)
+        return self.hidden(embeds, batch["attention_mask"], static).last_hidden_state
 
     def loss(self, batch: dict, soft_prompt=None, vocab: torch.Tensor | None = None,
              reduction: str = "mean") -> torch.Tensor:
@@ -122,6 +136,8 @@ class VLM:
         time saved (49k -> ~100 logits a position)."""
         if self.seq2seq:
             return self._seq2seq_loss(batch, soft_prompt, reduction)
+        if "answer_index" in batch:
+            return self._static_loss(batch, soft_prompt, vocab, reduction)
         h = self._last_hidden(batch, soft_prompt)
         labels = batch["labels"][:, 1:]
         keep = labels != -100
@@ -132,6 +148,23 @@ class VLM:
                                             None if head.bias is None else head.bias[vocab])
         return torch.nn.functional.cross_entropy(logits.float(), torch.searchsorted(vocab, labels[keep]),
                                                  reduction=reduction)
+
+    def _static_loss(self, batch: dict, soft_prompt, vocab, reduction: str) -> torch.Tensor:
+        """VLM.loss with every shape fixed by the batch and no host read of device values (CUDA graphs):
+        the answer positions come as flat indices into (B x T) (`answer_index`, from the host) with their
+        targets (`answer_targets`); padding entries have target -100 and a loss of 0, and come last."""
+        h = self._last_hidden(batch, soft_prompt)
+        picked = h.reshape(-1, h.shape[-1]).index_select(0, batch["answer_index"])
+        targets = batch["answer_targets"]
+        valid = targets != -100
+        head = self.family.head(self.base_model)
+        if vocab is None:
+            logits, targets = head(picked), targets.clamp(min=0)
+        else:
+            logits = torch.nn.functional.linear(picked, head.weight[vocab], None if head.bias is None else head.bias[vocab])
+            targets = torch.searchsorted(vocab, targets.clamp(min=0))
+        tokens = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none") * valid
+        return tokens if reduction == "none" else tokens.sum() / valid.sum()
 
     def logits(self, batch: dict, soft_prompt=None) -> torch.Tensor:
         return self.family.head(self.base_model)(self._last_hidden(batch, soft_prompt))
