@@ -5,8 +5,8 @@
 #   bash bench/gpu_kernels.sh one    (carry .cuda)      build llama.cpp CUDA; 7B decode: torch backend (graphs,
 #                                    and graphs over a torch.compile'd step), our GGUF through the SDK vs plain
 #                                    Llama, against the bound; the tiny default: torch on CUDA, edge on the CPU
-#   bash bench/gpu_kernels.sh two    (carry .cuda-ort .cuda/head.tar.gz)  onnxruntime's CUDA provider: the tiny default's edge
-#                                    backend on CUDA, and `mmagent check --device cuda`
+#   bash bench/gpu_kernels.sh two    (carry .cuda-ort .cuda/head.tar.gz)  onnxruntime's CUDA provider: the tiny
+#                                    default's edge backend on CUDA, and `mmagent check --device cuda`
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
 #                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.

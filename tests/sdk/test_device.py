@@ -151,7 +151,8 @@ def test_compiled_decode_steps_write_what_eager_steps_write():
         tokens = decoder.generate(embeds, 6, stop_at_eos=False)
         (step,) = decoder.steps.values()
         assert (decoder._compiled is not None) == bool(mode)  # the decode steps went through torch.compile
-        runs.append((tokens, int(step.pos), [t.clone() for layer in step.cache.layers for t in (layer.keys, layer.values)]))
+        kv = [t.clone() for layer in step.cache.layers for t in (layer.keys, layer.values)]
+        runs.append((tokens, int(step.pos), kv))
     (eager_tokens, eager_pos, eager_cache), (tokens, pos, cache) = runs
     assert tokens == eager_tokens and pos == eager_pos == 7 + 5
     for got, want in zip(cache, eager_cache, strict=True):
