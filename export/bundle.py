@@ -105,6 +105,9 @@ def prompt_info(backend) -> dict:
             "n_image_tokens": vlm.family.n_image_tokens(model), "eos_token_id": vlm.tokenizer.eos_token_id,
             "stop_ids": [vlm.tokenizer.eos_token_id],  # where torch's decoding ends; the edge backend ends there too
             "bos_token": vlm.tokenizer.bos_token, "eos_token": vlm.tokenizer.eos_token,
+            # the BOS id a prompt starts with (none if the tokenizer adds none), after the leading image tokens
+            # where the processor puts those first (mmagent.prompt.prompt_ids); absent in older bundles: no BOS
+            "add_bos_id": vlm.bos, "image_first": vlm.family.image_first,
             "image": image_spec(processor, vlm.family.image_size(model)),
             **({"llm_tokenizer": "tokenizer/tokenizer.json"} if sentencepiece_style(vlm.tokenizer) else {}),
             **({"qformer_tokenizer": f"{QFORMER_TOKENIZER}/tokenizer.json",

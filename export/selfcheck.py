@@ -1,7 +1,7 @@
 """The export's self-check: the torch model against the bundle on fixed images and prompts.
 
 Checks, all recorded in the manifest: tokenizer ids identical (ASCII, Unicode, whitespace runs, the chat
-template); ONNX image embeddings within VISION_TOL of torch for the base and every adapter; f16 GGUF
+template, a whole prompt with its BOS); ONNX image embeddings within VISION_TOL of torch for the base and every adapter; f16 GGUF
 greedy tokens identical to torch for the first N_TOKENS; quantised variants' agreement reported. A
 failed check fails the export with the numbers.
 
@@ -46,6 +46,7 @@ def edge_outputs(bundle_dir, manifest: dict, quant: str, images: list, cases: li
         if strings is not None:
             pixels = np.concatenate([preprocess(im, edge.prompt["image"]) for im in images])
             out["tokens"] = [edge.tokenize(s) for s in strings]  # what the edge feeds llama.cpp
+            out["prompt"] = edge.tokenize.prompt(strings[-1])  # a whole prompt: BOS where torch puts it
             out["template"] = rendered(edge.template)
             out["pixels"] = pixels
             said = edge.instruction_inputs([PROBE_INSTRUCTION] * len(images))  # InstructBLIP's Q-Former reads it
@@ -85,7 +86,8 @@ def check_tokenizer(backend, edge: dict) -> dict:
     mismatched = [s for s, ids in zip(strings, edge["tokens"])
                   if backend.vlm.tokenizer(s, add_special_tokens=False).input_ids != ids]
     theirs = rendered(backend.vlm.tokenizer)
-    return {"strings": len(strings), "mismatched": mismatched, "template_identical": edge["template"] == theirs}
+    return {"strings": len(strings), "mismatched": mismatched, "template_identical": edge["template"] == theirs,
+            "prompt_identical": edge["prompt"] == backend.vlm.prompt_ids(template)}  # BOS and image cut included
 
 
 def check_vision(backend, edge: dict, images) -> dict:
@@ -144,6 +146,7 @@ def llm_outputs(bundle_dir, manifest: dict, quant: str, prompts: list, strings: 
         out = {"greedy": greedy}
         if strings is not None:
             out["tokens"] = [tokenize(s) for s in strings]
+            out["prompt"] = tokenize.prompt(strings[-1])
             out["template"] = rendered(ChatTemplate(manifest["prompt"]))
         return out
 
@@ -250,8 +253,9 @@ def self_check(backend, bundle_dir, manifest) -> dict:
 def check_problems(report: dict) -> list[str]:
     problems = []
     t = report.get("tokenizer")
-    if t and (t["mismatched"] or not t["template_identical"]):
-        problems.append(f"tokenizer ids differ on {t['mismatched']} (template identical: {t['template_identical']})")
+    if t and (t["mismatched"] or not t["template_identical"] or not t.get("prompt_identical", True)):
+        problems.append(f"tokenizer ids differ on {t['mismatched']} (template identical: {t['template_identical']}; "
+                        f"prompt ids with BOS identical: {t.get('prompt_identical')})")
     if "vision" in report:
         worst = max(report["vision"]["max_abs_diff"].values())
         if worst > VISION_TOL:

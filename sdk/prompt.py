@@ -59,3 +59,20 @@ def chat_prompt(tokenizer, system: str, placeholder: str, instruction: str, inpu
     # Checkpoints without a chat template (BLIP-2 OPT) use the "Question: ... Answer:" form they were tuned on.
     turns = "".join(f"Question: {q} Answer: {a} " for q, a in history)
     return f"{placeholder}{turns}Question: {user} Answer:"
+
+
+def prompt_ids(encode, text: str, image_token: str, bos: int | None, image_first: bool) -> list[int]:
+    """A prompt's token ids as the checkpoint's tokenizer and processor make them. `encode` tokenises text with
+    no special tokens added; `bos` is the id the checkpoint's tokenizer starts a text with (transformers'
+    add_special_tokens=True: LLaMA-2 / Vicuna / LLaVA-1.5 `<s>`, OPT `</s>`), None for one that adds none
+    (SmolLM2). LLaVA's processor tokenises the whole prompt, so BOS comes first; BLIP-2's and InstructBLIP's
+    (`image_first`) put the image tokens in front of the tokenised text, so there BOS follows the leading
+    placeholders and the text after them is tokenised as a text of its own. A text that already starts
+    with BOS (a chat template that renders it) gets no second one."""
+    cut = 0
+    while image_first and image_token and text.startswith(image_token, cut):
+        cut += len(image_token)
+    ids = encode(text[cut:])
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return (encode(text[:cut]) if cut else []) + ids

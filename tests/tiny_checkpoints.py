@@ -224,3 +224,39 @@ def llava(out: Path, seed: int = 0, tokenizer: str = "smollm2") -> Path:
     processor = LlavaProcessor(image_processor=image_processor("clip"), tokenizer=tok, patch_size=VISION["patch_size"],
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return _save(model, tok, processor, out)
+
+
+def prompt_ids_everywhere(run: Path, bundle: Path, base: Path, image, question: str) -> dict:
+    """The LLM prompt ids of one VQA question, base model, as each stage makes them: the checkpoint's own processor
+    (fed the text without placeholders where it adds the image tokens itself, as users call it), training
+    (VLM.encode), the torch backend (what it hands VLM.generate), the edge backend (its segments, image rows
+    counted as image tokens), and stock llama.cpp (Llama.tokenize with add_bos over each text segment; the GGUF's
+    add_bos decides). Also the prompt text and its text before / after the placeholders."""
+    from llama_cpp import Llama
+    from transformers import AutoProcessor
+
+    from mmagent import Agent
+    from mmagent.backends.edge import EdgeBackend
+    from mmagent.prompt import VQA_INSTRUCTION
+    backend = Agent.load(run, backend="torch").backend
+    vlm = backend.vlm
+    text, placeholder = backend.prompt_text(None, VQA_INSTRUCTION, question), vlm.placeholder()
+    before, after = text.split(placeholder, 1)
+    image_id = vlm.family.image_token_id(vlm.base_model)
+    processor = AutoProcessor.from_pretrained(base)
+    processed = processor(images=image, text=before + ("<image>" if before else "") + after).input_ids[0]
+    handed = []
+    generate = vlm.generate
+    vlm.generate = lambda pixels, prompts, *a, **k: handed.append(list(prompts[0])) or generate(pixels, prompts, *a, **k)
+    backend.generate(image, question, None, "vqa", (), 1, None)
+    edge = EdgeBackend(bundle)
+    head, rows, tail = edge.prompt_segments(image, question, None, "vqa", ())
+    edge.close()
+    stock = Llama(model_path=str(bundle / "llm.f16.gguf"), vocab_only=True, verbose=False)
+    ids = {"processor": [int(i) for i in processed], "train": vlm.encode(VQA_INSTRUCTION, question, "red").input_ids,
+           "torch": handed[0], "edge": head + [image_id] * len(rows) + tail, "edge_segments": (head, tail),
+           "stock_llama_cpp": tuple(stock.tokenize(t.encode(), add_bos=True, special=True) if t else []
+                                    for t in (before, after))}
+    stock.close()
+    return ids | {"text": text, "before": before, "after": after, "bos": vlm.bos, "image": image_id,
+                  "n_image": len(rows), "vlm": vlm}

@@ -139,7 +139,10 @@ def selfcheck_lines(sc: dict) -> list[str]:
     if tok:
         lines.append(f"| tokenizer ids identical to transformers | {tok['strings'] - len(tok['mismatched'])}/"
                      f"{tok['strings']} strings; chat template "
-                     f"{'identical' if tok.get('template_identical') else 'differs'} |")
+                     f"{'identical' if tok.get('template_identical') else 'differs'}"
+                     + ("" if "prompt_identical" not in tok else
+                        f"; a whole prompt's ids (BOS included) {'identical' if tok['prompt_identical'] else 'differ'}")
+                     + " |")
     vis = sc.get("vision")
     if vis:
         lines += [f"| vision + bridge ONNX vs torch, max abs diff ({name}) | {v:.1e} (tolerance {vis['tolerance']:.0e}) |"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmagent.prompt import DEFAULT_SYSTEM, chat_prompt, user_text
+from mmagent.prompt import DEFAULT_SYSTEM, chat_prompt, prompt_ids, user_text
 from mmagent.train.families import family_for
 
 
@@ -21,6 +21,13 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 on the prompt: loss only on the answer (labels[1:] are the targets)
     instruction: str = ""  # the user turn's text: what InstructBLIP's Q-Former reads
+
+
+def added_bos(tokenizer) -> int | None:
+    """The id transformers' tokenizer puts before a text (add_special_tokens=True): `<s>` for LLaMA-2 / Vicuna /
+    LLaVA-1.5, `</s>` for OPT; None when it adds nothing there (SmolLM2; Flan-T5 adds `</s>` after the text)."""
+    plain, full = tokenizer("a", add_special_tokens=False).input_ids, tokenizer("a").input_ids
+    return full[0] if full[1:1 + len(plain)] == plain else None
 
 
 def _cache_arg(decoder) -> str:
@@ -51,13 +58,27 @@ class VLM:
         token = self.tokenizer.convert_ids_to_tokens(self.family.image_token_id(self.base_model))
         return token * (n_soft + self.family.n_image_tokens(self.base_model))
 
+    @property
+    def bos(self) -> int | None:
+        """The BOS id the checkpoint's tokenizer starts a text with (None: it adds none); cached."""
+        if not hasattr(self, "_bos"):
+            self._bos = added_bos(self.tokenizer)
+        return self._bos
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of a prompt text: BOS where the checkpoint's tokenizer and processor put it
+        (mmagent.prompt.prompt_ids), so that training, every backend and stock llama.cpp see one prompt."""
+        image_token = self.tokenizer.convert_ids_to_tokens(self.family.image_token_id(self.base_model))
+        return prompt_ids(lambda t: self.tokenizer(t, add_special_tokens=False).input_ids, text, image_token,
+                          self.bos, self.family.image_first)
+
     def prompt_text(self, instruction: str, input: str = "", n_soft: int = 0, history=()) -> str:
         """The full prompt up to where the assistant starts answering. `history`: earlier (user, answer) turns."""
         return chat_prompt(self.tokenizer, self.system, self.placeholder(n_soft), instruction, input, history)
 
     def encode(self, instruction: str, input: str, output: str | None, n_soft: int = 0) -> Encoded:
         tok = self.tokenizer
-        prompt = tok(self.prompt_text(instruction, input, n_soft), add_special_tokens=False).input_ids
+        prompt = self.prompt_ids(self.prompt_text(instruction, input, n_soft))
         said = user_text(instruction, input)
         if output is None:
             return Encoded(prompt, [-100] * len(prompt), said)

@@ -208,6 +208,14 @@ def _add_special_ids(writer: gguf.GGUFWriter, tokenizer) -> None:
             add(token_id)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether transformers starts a text with the tokenizer's BOS: then stock llama.cpp must too (add_bos),
+    and our prompts start with it (mmagent.train.vlm.added_bos, mmagent.prompt.prompt_ids)."""
+    from mmagent.train.vlm import added_bos
+    bos = added_bos(tokenizer)
+    return bos is not None and bos == tokenizer.bos_token_id
+
+
 def _add_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     tokens, types = _vocab_table(tokenizer, vocab_size)
@@ -217,7 +225,7 @@ def _add_byte_level_bpe(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> 
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
     _add_special_ids(writer, tokenizer)
-    writer.add_add_bos_token(False)  # the chat template writes <|im_start|> itself
+    writer.add_add_bos_token(adds_bos(tokenizer))  # SmolLM2: none (its template writes <|im_start|>)
 
 
 # ---- SentencePiece (LLaMA-2, Vicuna, LLaVA-1.5) ---------------------------------------------------------------
@@ -300,7 +308,7 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> N
     # What transformers adds around a text (its post-processor; the config's add_bos_token may be gone in a
     # re-saved tokenizer): stock llama.cpp then starts a prompt with <s> as transformers does
     ids = tokenizer("a").input_ids
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
+    writer.add_add_bos_token(adds_bos(tokenizer))
     writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id)
     writer.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
 

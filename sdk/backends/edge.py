@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mmagent.backends import Sampling, TextStream, check_fits, check_image, finish_reason
-from mmagent.prompt import prompt_parts, stop_ids, user_text
+from mmagent.prompt import prompt_ids, prompt_parts, stop_ids, user_text
 from mmagent.bundle import BundleError, read_manifest, verify
 
 
@@ -58,6 +58,8 @@ class PromptTokenizer:
 
     def __init__(self, bundle: Path, prompt: dict, lm):
         self.lm, self.image_token, self.hf = lm, prompt["image_token"], None
+        # the BOS torch starts a prompt with, where it puts it (manifest; older bundles were trained without)
+        self.bos, self.image_first = prompt.get("add_bos_id"), prompt.get("image_first", False)
         if prompt.get("llm_tokenizer"):
             from tokenizers import Tokenizer
             self.hf = Tokenizer.from_file(str(bundle / prompt["llm_tokenizer"]))
@@ -68,14 +70,16 @@ class PromptTokenizer:
         """Ids of `text`, special tokens parsed, no BOS added."""
         return self.lm.tokenize(text) if self.hf is None else self.hf.encode(text, add_special_tokens=False).ids
 
+    def prompt(self, text: str) -> list[int]:
+        """Ids of a whole prompt as torch makes them: BOS where the checkpoint's tokenizer puts it."""
+        return prompt_ids(self, text, self.image_token, self.bos, self.image_first)
+
     def around(self, prompt: str, placeholder: str) -> tuple[list[int], list[int]]:
-        """Ids of the prompt before and after the image placeholders (which `placeholder` spells out)."""
-        before, after = prompt.split(placeholder, 1)
-        if self.hf is None:
-            return self.lm.tokenize(before), self.lm.tokenize(after)
-        head, whole = self(before), self(prompt)  # text after a special token depends on what precedes it
-        n = placeholder.count(self.image_token)
-        return head, whole[len(head) + n:]
+        """Ids of the prompt before and after the image placeholders (which `placeholder` spells out), cut
+        from the whole prompt's ids: text after a special token depends on what precedes it."""
+        ids, image = self.prompt(prompt), self(self.image_token)[0]
+        start = ids.index(image)
+        return ids[:start], ids[start + placeholder.count(self.image_token):]
 
 
 def preprocess(image: Image.Image, spec: dict) -> np.ndarray:

@@ -162,8 +162,7 @@ class TorchBackend:
             else None
         instruction, text = prompt_parts(question, kind, record.instructions if record else {})
         n_soft = 0 if soft is None else soft.shape[1]
-        prompt = self.vlm.tokenizer(self.prompt_text(record, instruction, text, n_soft, history),
-                                    add_special_tokens=False).input_ids
+        prompt = self.vlm.prompt_ids(self.prompt_text(record, instruction, text, n_soft, history))
         n_ctx = self.context_length
         check_fits(len(prompt), n_ctx)
         max_new_tokens = min(max_new_tokens, n_ctx - len(prompt))  # stop at the context's end, as llama.cpp does

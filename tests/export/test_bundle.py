@@ -24,6 +24,7 @@ def test_manifest_lists_every_part_with_hashes_and_selfcheck(bundle):
     assert sc["greedy_f16"]["identical"] == sc["greedy_f16"]["cases"] > 0
     assert max(sc["vision"]["max_abs_diff"].values()) <= sc["vision"]["tolerance"]
     assert not sc["tokenizer"]["mismatched"] and sc["tokenizer"]["template_identical"]
+    assert sc["tokenizer"]["prompt_identical"] and m["prompt"]["add_bos_id"] is None  # SmolLM2 adds no BOS
     assert "q8_0" in sc["quantised"]
 
 

@@ -217,6 +217,23 @@ def test_chat_template_output_tokenizes_the_same(runtime, tokenizer):
     assert runtime.tokenize(text) == tokenizer.encode(text, add_special_tokens=False)
 
 
+def test_the_edge_puts_bos_where_torch_does_on_llama_cpps_own_tokenizer(runtime, tokenizer):
+    """Byte-level BPE bundles tokenise prompts in llama.cpp; a manifest's BOS (a byte-level tokenizer that adds one,
+    as OPT's does) goes where mmagent.prompt.prompt_ids puts it with the HF tokenizer, once. `<|im_end|>` stands in
+    for the image token; `<|endoftext|>` (0) for the BOS."""
+    from mmagent.backends.edge import PromptTokenizer
+    from mmagent.prompt import prompt_ids
+    text, placeholder = "<|im_end|><|im_end|>Question: what is it? Answer:", "<|im_end|>" * 2
+    for image_first, start in ((True, [2, 2, 0]), (False, [0, 2, 2])):
+        edge = PromptTokenizer(None, {"image_token": "<|im_end|>", "add_bos_id": 0, "image_first": image_first}, runtime)
+        ids = prompt_ids(lambda t: tokenizer.encode(t, add_special_tokens=False), text, "<|im_end|>", 0, image_first)
+        assert edge.prompt(text) == ids and ids[:3] == start and ids.count(0) == 1
+        before, after = edge.around(text, placeholder)
+        assert before + [2, 2] + after == ids
+        rendered = placeholder + "<|endoftext|>" + text[len(placeholder):] if image_first else "<|endoftext|>" + text
+        assert edge.prompt(rendered) == ids  # a BOS already in place gets no second one
+
+
 def test_gguf_metadata(llm_gguf, tokenizer):
     reader = gguf.GGUFReader(llm_gguf)
     field = lambda key: reader.fields[key].contents()  # noqa: E731

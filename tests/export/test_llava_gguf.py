@@ -103,3 +103,26 @@ def test_llava_edge_bundle_is_exact_and_switchable(llava_export):
     assert max(diffs.values()) <= sc["vision"]["tolerance"] and set(diffs) == {"preprocess", "base", "vqa"}
     meta = json.loads((run / "adapters/vqa/mmagent_adapter.json").read_text())
     assert meta["parts"] == {"vision": ["q_proj", "v_proj"], "bridge": ["linear_1", "linear_2"], "llm": ["q_proj", "v_proj"]}
+
+
+def test_llava_prompt_starts_with_bos_everywhere_as_its_processor_and_stock_llama_cpp_put_it(llava_export, png):
+    """LLaVA-1.5's tokenizer adds <s> (add_bos) and its processor tokenises the whole prompt: BOS first, once,
+    in training, the torch backend, the edge and stock llama.cpp alike (a template rendering <s> adds no second)."""
+    from tiny_checkpoints import prompt_ids_everywhere
+    run, bundle = llava_export
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["prompt"]["add_bos_id"] == 1 and m["prompt"]["image_first"] is False
+    assert m["selfcheck"]["tokenizer"]["prompt_identical"] is True
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    got = prompt_ids_everywhere(run, bundle, bundle.parent / "llava-1.5-tiny", image, "what colour is the circle?")
+    ids = got["processor"]
+    assert ids[0] == got["bos"] == 1 and ids[1] != 1 and ids.count(got["image"]) == got["n_image"]
+    assert got["torch"] == ids == got["edge"] and got["train"][:len(ids)] == ids
+    head, _ = got["edge_segments"]
+    # stock llama.cpp starts the text before the image with <s> as we do (after the image, sentencepiece's
+    # space rules part from transformers': mmagent.backends.edge.PromptTokenizer)
+    assert got["stock_llama_cpp"][0] == head and head[0] == 1
+    from mmagent.backends.edge import PromptTokenizer
+    rendered = "<s>" + got["text"]  # as a chat template that renders <s> itself makes it
+    once = got["vlm"].prompt_ids(rendered)
+    assert once[0] == 1 and once[1] != 1 and once == PromptTokenizer(bundle, m["prompt"], None).prompt(rendered)

@@ -90,3 +90,19 @@ def test_blip2_opt_trains_and_gguf_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"`opt`: llama.cpp has no OPT architecture.*--onnx --merged"):
         export_bundle([run], tmp_path / "gguf", gguf=True, onnx=True, merged=False)
     assert not (tmp_path / "gguf").exists()
+
+
+def test_instructblip_prompt_has_bos_after_the_image_tokens_as_its_processor_puts_it(instructblip_bundle, image):
+    """InstructBLIP's processor puts the query tokens before the tokenised text, whose <s> (Vicuna's add_bos)
+    follows them: so do training, the torch backend, the edge, and stock llama.cpp on the text after the image."""
+    from tiny_checkpoints import prompt_ids_everywhere
+    run, bundle = instructblip_bundle
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["prompt"]["add_bos_id"] == 1 and m["prompt"]["image_first"] is True
+    assert m["selfcheck"]["tokenizer"]["prompt_identical"] is True
+    got = prompt_ids_everywhere(run, bundle, bundle.parent / "instructblip-vicuna-tiny", Image.open(image).convert("RGB"),
+                                "what colour is the circle?")
+    ids, n = got["processor"], got["n_image"]
+    assert ids[:n] == [got["image"]] * n and ids[n] == got["bos"] == 1 and 1 not in ids[n + 1:]
+    assert got["torch"] == ids == got["edge"] and got["train"][:len(ids)] == ids
+    assert got["edge_segments"] == ([], ids[n:]) and got["stock_llama_cpp"] == ([], ids[n:])

@@ -35,6 +35,7 @@ class Family(Protocol):
     name: str
     parts: Parts
     reads_instruction: bool  # InstructBLIP: the Q-Former reads the instruction's tokens too
+    image_first: bool  # the processor puts the image tokens before the tokenised text, BOS after them (BLIP-2)
 
     def matches(self, config) -> bool: ...
     def presets(self, model) -> dict[str, tuple[str, ...]]:

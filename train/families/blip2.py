@@ -22,6 +22,7 @@ class Blip2Family:
         presets={"vision": ("qkv",), "bridge": ("query", "value"), "llm": ("q_proj", "v_proj")},
     )
     reads_instruction = False
+    image_first = True  # the processor puts the image tokens before the tokenised text (and its BOS)
 
     def matches(self, config) -> bool:
         return config.model_type in self.model_types

@@ -13,6 +13,7 @@ from mmagent.train.families import Parts
 class LlavaFamily:
     name = "llava"
     reads_instruction = False
+    image_first = False  # the processor tokenises the whole prompt, `<image>` inside: BOS comes first
     parts = Parts(
         vision="model.vision_tower", bridge="model.multi_modal_projector", llm="model.language_model",
         presets={"vision": ("q_proj", "v_proj"), "bridge": ("linear_1", "linear_2"), "llm": ("q_proj", "v_proj")},
