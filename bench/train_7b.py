@@ -183,6 +183,7 @@ def speed(base: str, data: Path, batch: int, overrides: list[str], warmup: int, 
            "precision": trainer.precision, "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
            "samples_per_s": round(batch / step_s, 2), "trainable_M": round(n_train / 1e6, 2),
            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
+           "cuda_graphs": len(trainer.graphs.graphs) if getattr(trainer, "graphs", None) else 0,
            "first_step_s": round(times[0], 2), "held_before_GiB": round(held, 2), "setup_s": round(setup_s, 1), "loss_first_last": [round(losses[0], 3), round(losses[-1], 3)]}
     if rate:
         out["mfu_llm_est"] = round(flops / step_s / rate, 3)
@@ -240,6 +241,8 @@ def main(argv=None) -> None:
                                args.steps, rate)
             except torch.OutOfMemoryError:
                 result = {"who": "mmagent", "B": int(batch), "overrides": keys, "error": "OOM"}
+            except Exception as e:  # one case failing (a capture, a compile) must not cost the others
+                result = {"who": "mmagent", "B": int(batch), "overrides": keys, "error": f"{type(e).__name__}: {e}"[:600]}
             print(json.dumps(result), flush=True)
             free_memory()
     else:

@@ -22,6 +22,10 @@ ANSWERS_TO = 64  # answer-token counts likewise (padding entries have target -10
 MAX_GRAPHS = 16  # shapes beyond this many run eagerly (each capture costs a few forward-backward passes)
 
 
+class CaptureError(RuntimeError):
+    """A forward-backward that cannot be captured (an op that reads the device from the host, say)."""
+
+
 @dataclass
 class Captured:
     graph: torch.cuda.CUDAGraph
@@ -60,23 +64,29 @@ class GraphedStep:
         inputs = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         scale = torch.zeros((), device=next(iter(inputs.values())).device)
         held = [p.grad for p in self.params]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS workspaces, autotuning, compiles
-            for _ in range(self.warmup):
-                for p in self.params:
-                    p.grad = None
-                self._forward_backward(inputs, scale)
-        torch.cuda.current_stream().wait_stream(side)
-        for p in self.params:
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the data worker thread copies the next batch to the device meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            tokens, loss = self._forward_backward(inputs, scale)
-        grads = [p.grad for p in self.params]
-        for p, g in zip(self.params, held):
-            p.grad = g
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS workspaces, autotuning, compiles
+                for _ in range(self.warmup):
+                    for p in self.params:
+                        p.grad = None
+                    self._forward_backward(inputs, scale)
+            torch.cuda.current_stream().wait_stream(side)
+            for p in self.params:
+                p.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the warm-up's blocks, cached for the side stream, back for the graph's pool
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the data worker thread copies the next batch to the device meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                tokens, loss = self._forward_backward(inputs, scale)
+            grads = [p.grad for p in self.params]
+        except Exception as e:
+            raise CaptureError(f"{type(e).__name__}: {e}") from e
+        finally:
+            for p, g in zip(self.params, held):
+                p.grad = g
         return Captured(graph, inputs, scale, tokens, loss, grads)
 
     def step(self, batch: dict, scale: float, first: bool):

@@ -292,6 +292,20 @@ class Trainer:
         from mmagent.train.graph_step import GraphedStep
         return GraphedStep(self.forward, list(self.params.values()), self.precision != "fp32", self.loss_vocab)
 
+    def _graphed(self, batch: dict, scale: float, first: bool):
+        """(tokens, loss) of a micro-batch replayed as a CUDA graph, or None: run it eagerly. A capture that
+        fails turns graphs off for the rest of the run, with one message saying why."""
+        if self.graphs is None:
+            return None
+        from mmagent.train.graph_step import CaptureError
+        try:
+            return self.graphs.step(batch, scale, first)
+        except CaptureError as e:
+            self.console.print(f"[yellow]train.cuda_graphs: the step could not be captured ({e}); training "
+                               "without CUDA graphs")
+            self.graphs = None
+            return None
+
     @contextmanager
     def _lora_in_compute_dtype(self):
         """Under autocast, PEFT's cast of each adapted layer's input to the adapter's float32 is a full copy
@@ -444,7 +458,7 @@ class Trainer:
         scale = self.ranks.world / max(1, step["answer_tokens"])
         with self._lora_in_compute_dtype():
             for i, batch in enumerate(batches):
-                done = self.graphs.step(batch, scale, first=i == 0) if self.graphs is not None else None
+                done = self._graphed(batch, scale, first=i == 0)
                 if done is not None:  # replayed as a CUDA graph
                     tokens, loss = done
                 else:
