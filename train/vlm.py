@@ -135,7 +135,7 @@ class VLM:
         # Positions count real tokens only, so a left-padded row sees the same positions as an unpadded one.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
         # No key/value cache unless decoding asks for one: transformers' default (config.use_cache) builds one
-        # in training too, a copy of every layer's keys and values (4.5 GB at B16·T544 on a 7B)
+        # in training too, a copy (torch.cat) of every layer's keys and values in each forward, dropped after it
         kw.setdefault("use_cache", False)
         return self.family.decoder(self.base_model)(
             inputs_embeds=inputs_embeds, attention_mask=None if static else attention_mask,
