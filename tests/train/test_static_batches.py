@@ -84,3 +84,20 @@ def test_fused_rms_norm_matches_transformers(tmp_path):
         fused = norm(x)
         assert fused.dtype == eager.dtype
         assert (fused.float() - eager.float()).abs().max() <= tol * eager.float().abs().max()
+
+
+def test_graph_gradients_accumulate_over_micro_batches_with_eager_ones_between():
+    """GraphedStep's bookkeeping (the capture needs CUDA; this part is plain tensors): the first micro-batch's
+    graph gradients replace .grad, later ones add, and what an eager micro-batch put in .grad is kept."""
+    from mmagent.train.graph_step import GraphedStep
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    step = object.__new__(GraphedStep)
+    step.params, step.grads = params, None
+    params[0].grad = torch.full((3,), 9.0)  # last step's leftovers: the first micro-batch replaces them
+    step._accumulate([torch.ones(3), None], first=True)
+    assert params[0].grad.tolist() == [1, 1, 1] and params[1].grad.tolist() == [0, 0]
+    step._accumulate([torch.ones(3), torch.ones(2)], first=False)
+    assert params[0].grad.tolist() == [2, 2, 2] and params[1].grad.tolist() == [1, 1]
+    params[1].grad = params[1].grad + 5  # an eager micro-batch's backward made a new tensor
+    step._accumulate([torch.ones(3), torch.ones(2)], first=False)
+    assert params[0].grad.tolist() == [3, 3, 3] and params[1].grad.tolist() == [7, 7]
