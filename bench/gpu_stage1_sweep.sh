@@ -61,10 +61,10 @@ if [ "${SWEEP:-1}" = 6 ]; then  # world v7 (a place-first caption, counts per sh
 ); fi
 if [ "${SWEEP:-1}" = 7 ]; then  # the default as it is (world v6, 16 queries, recipes/vqa.toml) against
   vqa="tasks.0.max_eval=600"    # stage-1 steps, two seeds: the curve of docs/RESULTS.md (--plot)
-  variants=()
-  for n in 600 1200 1800 2400 3000; do
-    variants[T${n}_s0]="--queries 16 --steps $n --vqa-steps 600"
-    variants[T${n}_s1]="--queries 16 --steps $n --vqa-steps 600 --align run.seed=1 --vqa run.seed=1"
+  variants=()  # POINTS7="1000:0 2400:0 2400:1" (steps:seed) picks the points; the default is the full curve
+  for point in ${POINTS7:-600:0 600:1 1200:0 1200:1 1800:0 1800:1 2400:0 2400:1 3000:0 3000:1}; do
+    n=${point%:*} seed=${point#*:}
+    variants[T${n}_s$seed]="--queries 16 --steps $n --vqa-steps 600 --align run.seed=$seed --vqa run.seed=$seed"
   done
 fi
 if [[ ${SWEEP:-1} == 6 && -f .carry-sweep/head.tar.gz ]]; then  # the committed code, for the control variants (C*)
@@ -78,10 +78,11 @@ from mmagent.train.recipe import DataSection
 shapes_files(DataSection(train_images=4000, image_size=64))")
 fi
 python3 - <<'PY'  # write the worlds once, before the variants read them concurrently
+import os
 from mmagent.train.data.tasks import shapes_files
 from mmagent.train.recipe import DataSection
-for n in (4000, 2000):
-    for size in (64, 48):
+for n in (4000,) if os.environ.get("SWEEP") == "7" else (4000, 2000):
+    for size in (64,) if os.environ.get("SWEEP") == "7" else (64, 48):
         shapes_files(DataSection(train_images=n, image_size=size))
 PY
 for name in "${!variants[@]}"; do

@@ -173,7 +173,8 @@ def compare_figures(runs: dict[str, tuple[list[dict], dict]]) -> dict[str, dict]
 STYLES = {"raw": {"alpha": 0.35, "linewidth": 1}, "smoothed": {"linewidth": 2},
           "control": {"linewidth": 2, "marker": "o", "markersize": 4},
           "dashed": {"linewidth": 1.5, "linestyle": "--", "marker": "o", "markersize": 3, "alpha": 0.7},
-          "reference": {"linewidth": 1.5, "linestyle": ":"}, "point": {"linestyle": "none", "marker": "D", "markersize": 7}}
+          "reference": {"linewidth": 1.5, "linestyle": ":"}, "point": {"linestyle": "none", "marker": "D", "markersize": 7},
+          "scatter": {"linestyle": "none", "marker": "o", "markersize": 4, "alpha": 0.45}}
 CONTROL_LINESTYLES = {"shuffled image": "--", "blank image": ":"}
 
 
