@@ -6,23 +6,8 @@
 #   here:       bash bench/gpu_carry.sh && cp /work/shared/bench/baseline_train_7b.py .carry/
 #   on the GPU: bash bench/gpu_train_7b.sh          (device kind nvidia-h200-x2, carry .carry)
 set -uo pipefail
-source bench/gpu_env.sh
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-date -u +%FT%TZ | tee "$out/when.txt"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/when.txt"
-python3 -c "import torch, transformers, peft, accelerate as a; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'peft', peft.__version__, 'accelerate', a.__version__)" | tee -a "$out/when.txt"
-free_shm=$(df --output=avail -BG /dev/shm | tail -1 | tr -dc 0-9)
-work=${WORK:-/tmp/b7}; [ "${free_shm:-0}" -gt 48 ] && work=/dev/shm/b7  # 16 GB of weights: RAM if it fits
-mkdir -p "$work"
-filter() { grep -v -E "Loading weights|Writing model|warn|Warning|^\s*$" || true; }
-t0=$(date +%s)
-python3 bench/train_7b.py base "$work/base" ${TINY:+--tiny} 2>&1 | filter
-python3 bench/train_7b.py data "$work/d128" --text 128 ${TINY:+--tiny} | filter
-python3 bench/train_7b.py data "$work/d512" --text 512 ${TINY:+--tiny} | filter
-echo "base + data: $(( $(date +%s) - t0 )) s"
+source bench/gpu_7b_prelude.sh
 
 export CUDA_VISIBLE_DEVICES=0
 timeout 130 python3 .carry/baseline_train_7b.py 2>&1 | grep '^{' | tee "$out/baseline.jsonl"
