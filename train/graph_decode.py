@@ -126,6 +126,7 @@ class GraphDecoder:
     def clear(self) -> None:
         """Drop every graph and cache (after adapters were loaded or unloaded)."""
         self.steps.clear()
+        self.__dict__.pop("_layer", None)  # the LoRA layer found before may be gone with its PeftModel
 
     def _advance(self, step: _Step, graphs: bool) -> None:
         if step.graph is not None:

@@ -132,13 +132,25 @@ class TorchBackend:
             raise KeyError(f"no unloaded adapter `{name}` among the runs this model was loaded from: "
                            f"{', '.join(self.available_adapters()) or 'none'}")
         record = self._shelf().pop(name)
-        attach(self.vlm.model, record)
+        self.vlm.model = attach(self.vlm.model, record).eval()  # a new PeftModel if the last one was unloaded
         self.adapters[name] = record
+        self._forget_graphs()
 
     def unload_adapter(self, name: str) -> None:
-        """Remove adapter `name` from the PeftModel (PEFT's delete_adapter); `load_adapter` brings it back."""
+        """Remove adapter `name` from the PeftModel (PEFT's delete_adapter); `load_adapter` brings it back.
+        The last one goes with its PeftModel: one without adapters has no active config and cannot run."""
         self._shelf()[name] = self.adapters.pop(name)
-        self.vlm.model.delete_adapter(name)
+        if self.adapters:
+            self.vlm.model.delete_adapter(name)
+        else:
+            self.vlm.model = self.vlm.model.unload()  # the base's own modules, LoRA layers removed, nothing merged
+        self._forget_graphs()
+
+    def _forget_graphs(self) -> None:
+        """CUDA graphs captured with the old LoRA layers (keyed by weight addresses, which a new adapter may
+        reuse) are dropped; they are captured again on first use."""
+        if getattr(self.vlm, "graph_decoder", None) is not None:
+            self.vlm.graph_decoder.clear()
 
     @staticmethod
     def _chooser(sampling: Sampling):

@@ -11,18 +11,9 @@ import pytest
 from PIL import Image
 
 from mmagent import Agent
-from tiny_checkpoints import IMAGE, llava, train_run
+from tiny_checkpoints import IMAGE
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def llava_export(tmp_path_factory):
-    from mmagent.export.bundle import export_bundle
-    tmp = tmp_path_factory.mktemp("llava")
-    run = train_run(tmp, llava(tmp / "llava-1.5-tiny", tokenizer="spm"), "vqa", 'lora.vision=["preset"]')
-    export_bundle([run], tmp / "bundle", gguf=True, onnx=True)
-    return run, tmp / "bundle"
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from mmagent import Agent
-from tiny_checkpoints import blip2_opt, blip2_t5, instructblip, train_run
 
 pytestmark = pytest.mark.slow
 
@@ -19,15 +18,6 @@ def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "scene.png"
     draw_scene(sample_scene(random.Random(3)), 32).save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def instructblip_bundle(tmp_path_factory):
-    from mmagent.export.bundle import export_bundle
-    tmp = tmp_path_factory.mktemp("instructblip")
-    run = train_run(tmp, instructblip(tmp / "instructblip-vicuna-tiny", tokenizer="spm"), "vqa")
-    export_bundle([run], tmp / "bundle", gguf=True, onnx=True, merged=True)
-    return run, tmp / "bundle"
 
 
 def test_instructblip_trains_with_the_familys_presets_and_exports_checked(instructblip_bundle):
@@ -68,11 +58,11 @@ def test_instructblip_torch_and_edge_answer_alike(instructblip_bundle, image):
         assert a.tokens == b.tokens
 
 
-def test_blip2_t5_trains_answer_only_and_exports_merged(tmp_path, image):
+def test_blip2_t5_trains_answer_only_and_exports_merged(blip2_t5_run, tmp_path, image):
     """Flan-T5's encoder reads prompt + image, its decoder the answer; llama.cpp cannot run it: refused for
     GGUF naming what works, exported merged (checked against the LoRA model) and answered by the torch backend."""
     from mmagent.export.bundle import export_bundle
-    run = train_run(tmp_path, blip2_t5(tmp_path / "blip2-flan-t5-tiny"), "cap")
+    run = blip2_t5_run
     assert json.loads((run / "adapters/cap/mmagent_adapter.json").read_text())["parts"]["llm"] == ["q", "v"]
     with pytest.raises(ValueError, match=r"`t5`.*--onnx --merged"):
         export_bundle([run], tmp_path / "gguf", gguf=True, onnx=True)
@@ -83,9 +73,9 @@ def test_blip2_t5_trains_answer_only_and_exports_merged(tmp_path, image):
     assert merged.ask(image, "what is there?", max_new_tokens=6).tokens == lora  # the LoRA survived the merge
 
 
-def test_blip2_opt_trains_and_gguf_is_refused_before_any_work(tmp_path):
+def test_blip2_opt_trains_and_gguf_is_refused_before_any_work(blip2_opt_run, tmp_path):
     from mmagent.export.bundle import export_bundle
-    run = train_run(tmp_path, blip2_opt(tmp_path / "blip2-opt-tiny"), "vqa")
+    run = blip2_opt_run
     assert (run / "adapters/vqa/adapter_model.safetensors").is_file()
     with pytest.raises(ValueError, match=r"`opt`: llama.cpp has no OPT architecture.*--onnx --merged"):
         export_bundle([run], tmp_path / "gguf", gguf=True, onnx=True, merged=False)
@@ -106,3 +96,23 @@ def test_instructblip_prompt_has_bos_after_the_image_tokens_as_its_processor_put
     assert ids[:n] == [got["image"]] * n and ids[n] == got["bos"] == 1 and 1 not in ids[n + 1:]
     assert got["torch"] == ids == got["edge"] and got["train"][:len(ids)] == ids
     assert got["edge_segments"] == ([], ids[n:]) and got["stock_llama_cpp"] == ([], ids[n:])
+
+
+def test_blip2_opt_exports_onnx_and_merged_checked_against_the_lora_model(blip2_opt_run, tmp_path, image):
+    """`mmagent export RUN --onnx --merged`, what OPT gets instead of GGUF: the vision graph with the bridge
+    LoRA, and the LLM with its LoRA folded in, both self-checked against the LoRA model in torch."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["export", str(blip2_opt_run), "-o", str(out), "--onnx", "--merged"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    m = json.loads((out / "manifest.json").read_text())
+    sc = m["selfcheck"]
+    assert m["llm"] == {} and not list(out.glob("*.gguf"))  # no GGUF asked for, none written
+    assert sc["merged"]["vqa"]["identical"] == sc["merged"]["vqa"]["cases"] > 0  # greedy tokens, merged vs LoRA
+    diffs = sc["vision"]["max_abs_diff"]
+    assert set(diffs) >= {"base", "vqa"} and max(diffs.values()) <= sc["vision"]["tolerance"]
+    merged, agent = Agent.load(out / m["merged"]["vqa"]), Agent.load(blip2_opt_run)
+    lora = agent.ask(image, "how many squares?", adapter="vqa", max_new_tokens=6).tokens
+    assert merged.ask(image, "how many squares?", max_new_tokens=6).tokens == lora
