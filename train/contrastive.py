@@ -148,7 +148,8 @@ def align_vision(model, tokenizer, image_processor, records: list[dict], setting
     contrast = Contrast(retrieval, vocab)
     contrast.log_temp.data = contrast.log_temp.data.to(device)
     params = [p for p in retrieval.parameters() if p.requires_grad] + [contrast.log_temp]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.05, fused=True)
+    from mmagent.train.trainer import adamw
+    opt = adamw(params, lr=settings.lr, weight_decay=0.05)
     warmup = max(1, settings.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)
                                               * max(0.0, 1 - s / settings.steps))

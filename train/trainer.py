@@ -84,6 +84,14 @@ def add_task_losses(sums: dict, tokens: torch.Tensor, batch: dict) -> None:
         sums[task] = (old[0] + s, old[1] + n)
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel (CPU, CUDA): torch's default on CPU steps each tensor in a
+    Python loop, a fifth of a stage-1 step here (118 -> 147 samples/s fused, the same losses)."""
+    tensors = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else list(params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, resume: bool = False, console: Console | None = None,
                  evaluate_only: bool = False):
@@ -188,9 +196,7 @@ class Trainer:
         if self.soft_prompt is not None:
             self.params["soft_prompt.vectors"] = self.soft_prompt.vectors
             groups.append({"params": [self.soft_prompt.vectors], "lr": r.soft_prompt.lr})
-        # fused: one kernel over every tensor; torch's default on CPU is a Python loop per tensor, which took
-        # a third of a stage-1 step here (the 49k-row embedding table is most of the bytes)
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=r.train.weight_decay, fused=True)
+        self.optimizer = adamw(groups, weight_decay=r.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(r.train.warmup_steps, r.train.steps))
 
