@@ -10,6 +10,10 @@ What keeps a run the same on any number of processes:
 - Weights and optimizer state are replicated (DDP), so rank 0's checkpoint is the whole state, in the layout a
   single process writes: a run resumes on any number of processes at the step and example it stopped at.
 - Rank 0 alone writes the run directory (lock, recipe.json, metrics, checkpoints, adapters, report).
+- With CUDA graphs (`train.cuda_graphs`) no DDP wrapper: its all-reduce hooks cannot run inside a captured
+  backward. Rank 0's trained weights are broadcast once, and after a step's micro-batches the gradients are
+  averaged in one all-reduce of a flat buffer (`Ranks(manual=True)`, `average_grads`). A LoRA's gradients
+  are a few MB, so not overlapping that all-reduce with the backward costs little.
 """
 from __future__ import annotations
 
@@ -25,9 +29,10 @@ import torch
 class Ranks:
     """This process among the training processes (torchrun/accelerate environment variables)."""
 
-    def __init__(self, find_unused: bool = False):
+    def __init__(self, find_unused: bool = False, manual: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.accelerator = None
+        self.manual = manual and self.world > 1  # gradients averaged by average_grads, not by DDP hooks
         if self.world > 1:
             from accelerate import Accelerator
             from accelerate.utils import DistributedDataParallelKwargs
@@ -57,12 +62,37 @@ class Ranks:
         return items[self.rank * n:(self.rank + 1) * n]
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """DDP (accelerate's prepare_model) on several processes; the module itself on one."""
-        return module if self.accelerator is None else self.accelerator.prepare_model(module)
+        """DDP (accelerate's prepare_model) on several processes; the module itself on one, or with
+        manual gradient averaging (then every rank starts from rank 0's trained weights, as DDP does)."""
+        if self.accelerator is None:
+            return module
+        if self.manual:
+            for p in module.parameters():
+                if p.requires_grad:
+                    torch.distributed.broadcast(p.data, src=0)
+            return module
+        return self.accelerator.prepare_model(module)
 
     def no_sync(self, module, last: bool):
         """Gradient accumulation: all-reduce only on the step's last micro-batch."""
-        return nullcontext() if self.accelerator is None or last else self.accelerator.no_sync(module)
+        if self.accelerator is None or self.manual or last:
+            return nullcontext()
+        return self.accelerator.no_sync(module)
+
+    def average_grads(self, params: list[torch.Tensor]) -> None:
+        """Manual mode: every trained parameter's gradient averaged over ranks, in one all-reduce (a
+        parameter no gradient reached on this rank counts as zeros, so every rank sends the same layout)."""
+        if not self.manual:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for dtype in sorted({p.grad.dtype for p in params}, key=str):
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     def sum(self, values: list[float]) -> list[float]:
         if self.accelerator is None:

@@ -101,7 +101,8 @@ class Trainer:
         self.recipe, self.resume, self.evaluate_only = recipe, resume, evaluate_only
         self.console = console or Console()
         self.run_dir = recipe.run_dir
-        self.ranks = Ranks(find_unused=recipe.train.method == "full")  # one process: rank 0 of 1
+        # one process: rank 0 of 1; CUDA graphs on several: gradients averaged by hand (no DDP hooks)
+        self.ranks = Ranks(find_unused=recipe.train.method == "full", manual=recipe.train.cuda_graphs)
         self.device = self.ranks.device
         if not self.ranks.main:  # one voice and one writer: rank 0's
             self.console = Console(quiet=True)
@@ -289,12 +290,12 @@ class Trainer:
                 layer.compile()
 
     def _graphs(self):
-        """The CUDA-graph step (train.cuda_graphs) where it applies: CUDA, one process, a decoder-only LLM."""
+        """The CUDA-graph step (train.cuda_graphs) where it applies: CUDA and a decoder-only LLM (on several
+        processes the gradients are averaged after the replays: Ranks.average_grads)."""
         t = self.recipe.train
         if not t.cuda_graphs or self.evaluate_only:
             return None
-        why = ("no CUDA device" if self.device.type != "cuda" else f"{self.ranks.world} processes (DDP)"
-               if self.ranks.world > 1 else "an encoder-decoder LLM" if self.vlm.seq2seq else "")
+        why = "no CUDA device" if self.device.type != "cuda" else "an encoder-decoder LLM" if self.vlm.seq2seq else ""
         if why:
             self.console.print(f"[yellow]train.cuda_graphs: {why}; training without CUDA graphs")
             return None
@@ -478,6 +479,7 @@ class Trainer:
                         loss.backward()
                 total += loss.item() / self.ranks.world
                 add_task_losses(per_task, tokens.detach(), batch)
+        self.ranks.average_grads(list(self.params.values()))
         total = self._agree(total, per_task)
         self.position, self.step_tokens = step["position"], step["tokens"]
         self.task_loss = {task: s / n for task, (s, n) in sorted(per_task.items()) if n}

@@ -65,10 +65,17 @@ def losses(run):
     return {m["step"]: m["loss"] for m in read_metrics(run / "metrics.jsonl") if "loss" in m}
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, still_base):
+    """The reference: the run on one process."""
+    run = tmp_path_factory.mktemp("one-process") / "one"
+    train(run, still_base)
+    return run
+
+
 @pytest.mark.slow
-def test_two_processes_train_the_same_steps_and_resume_on_one(tmp_path, still_base):
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(one, still_base)
+def test_two_processes_train_the_same_steps_and_resume_on_one(tmp_path, still_base, one):
+    two = tmp_path / "two"
     out = train(two, still_base, gpus=2)
     assert "launching:" in out and out.count("run directory:") == 1  # one voice: rank 0's
     # rank 0 alone writes: every step logged once, one checkpoint layout, the same steps as one process
@@ -89,3 +96,48 @@ def test_two_processes_train_the_same_steps_and_resume_on_one(tmp_path, still_ba
     assert sorted(c) == [1, 2, 3, 4] and all(abs(c[s] - b[s]) < 1e-4 * abs(b[s]) for s in b), (b, c)
     adapter = "adapters/vqa/adapter_model.safetensors"
     assert same_weights(load_file(cut / adapter), load_file(two / adapter))
+
+
+@pytest.mark.slow
+def test_gradients_averaged_by_hand_as_cuda_graphs_need_train_the_same_steps(tmp_path, still_base, one):
+    """With train.cuda_graphs on several processes there is no DDP wrapper (its hooks cannot run inside a
+    captured backward): the trainer averages the gradients itself after each step. On CPUs the graphs stay
+    off but that averaging runs, and must give the one-process steps."""
+    two = tmp_path / "two-manual"
+    out = train(two, still_base, "train.cuda_graphs=true", gpus=2)
+    assert "training without CUDA graphs" in out  # no CUDA here: the eager step, with the manual averaging
+    a, b = losses(one), losses(two)
+    assert sorted(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) < 1e-4 * abs(a[s]) for s in a), (a, b)
+    adapter = "adapters/vqa/adapter_model.safetensors"
+    assert same_weights(load_file(one / adapter), load_file(two / adapter))
+
+
+def _average_on(rank: int, port: int, result) -> None:
+    import os
+    import torch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        ranks = Ranks.__new__(Ranks)
+        ranks.world, ranks.rank, ranks.manual = 2, rank, True
+        a = torch.zeros(2, 3, requires_grad=True)
+        b = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+        never = torch.zeros(2, requires_grad=True)  # no gradient reached it on rank 0
+        a.grad = torch.full_like(a, rank + 1.0)
+        b.grad = torch.full_like(b, 2.0 * rank)
+        if rank:
+            never.grad = torch.full_like(never, 4.0)
+        ranks.average_grads([a, b, never])
+        result[rank] = (a.grad.tolist(), b.grad.float().tolist(), never.grad.tolist())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_gradients_averaged_by_hand_are_the_mean_over_ranks_in_every_dtype():
+    import torch.multiprocessing as mp
+    from mmagent.train.distributed import free_port
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_average_on, args=(free_port(), result), nprocs=2)
+        got = dict(result)
+    assert got[0] == got[1] == ([[1.5] * 3] * 2, [1.0] * 4, [2.0] * 2)
