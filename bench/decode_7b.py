@@ -5,11 +5,12 @@ reads one row; LoRA weights included).
 
     python bench/decode_7b.py torch --work DIR --out torch.json
         builtin:tiny's vision side with the 7B LLM, in bf16 on CUDA; writes DIR/llm.f16.gguf through our
-        GGUF writer and a random rank-16 q/v LoRA as DIR/lora.gguf; times the torch backend's decode
-        (static cache + CUDA graphs, train/graph_decode.py) base and with the LoRA, against transformers'
-        generate on the same LLM (dynamic and static cache: /work/shared/bench/baseline_decode_7b.py), and
-        the same graphs over a torch.compile'd step (MM_7B_COMPILE=default|max-autotune-no-cudagraphs|off;
-        MM_7B_HF=0 skips transformers' rows)
+        GGUF writer and a random rank-16 q/v LoRA as DIR/lora.gguf (MM_7B_GGUF=0: not); times the torch
+        backend's decode (static cache + CUDA graphs, train/graph_decode.py) with the projections fused
+        (q|k|v, gate|up: the default) and not, base and with the LoRA, against transformers' generate on the
+        same LLM (dynamic and static cache: /work/shared/bench/baseline_decode_7b.py; MM_7B_HF=0 skips them),
+        and the fused graphs over a torch.compile'd step for each mode in MM_7B_COMPILE (comma-separated:
+        default, max-autotune-no-cudagraphs, default+cdt = inductor's coordinate-descent tuning; off: none)
     python bench/decode_7b.py write --work DIR --out w.json    (only the two GGUF files)
     python bench/decode_7b.py llama --work DIR --out llama.json
         quantises DIR/llm.f16.gguf to q4_k_m (llama.cpp); for f16 and q4_k_m with the LoRA: the SDK's
@@ -111,28 +112,27 @@ def graph_decode(vlm, decoder, embeds, tokens: list | None = None) -> float:
     return statistics.median(rates[1:])
 
 
-def compiled_row(vlm, embeds, eager_tokens: list, res: dict) -> None:
-    """The same graph decode over a torch.compile'd step: rate, compile + capture time, and how many greedy
+def compiled_row(vlm, embeds, eager_tokens: list, res: dict, mode: str) -> None:
+    """The fused graph decode over a torch.compile'd step: rate, compile + capture time, and how many greedy
     tokens match the uncompiled graphs' (fused kernels round differently; random weights make near-ties)."""
     from mmagent.train.graph_decode import GraphDecoder
-    mode = os.environ.get("MM_7B_COMPILE", "default")
-    if mode == "off":
-        return
-    res["compile_mode"] = mode
+    key = "compiled_" + mode.replace("-", "_").replace("+", "_")
+    torch._dynamo.reset()
+    torch._inductor.config.coordinate_descent_tuning = mode.endswith("+cdt")
     try:
-        decoder = GraphDecoder(vlm, use_graphs=DEVICE == "cuda", compile_mode=mode)
+        decoder = GraphDecoder(vlm, use_graphs=DEVICE == "cuda", compile_mode=mode.removesuffix("+cdt"))
         t = time.perf_counter()
         decoder.generate(embeds, 3, stop_at_eos=False)  # step 1 compiles (a warm-up), step 2 is captured
         sync()
-        res["compile_and_capture_s"] = round(time.perf_counter() - t, 1)
+        res[f"{key}_compile_and_capture_s"] = round(time.perf_counter() - t, 1)
         tokens: list = []
-        res["ours_compiled_base_tok_s"] = graph_decode(vlm, decoder, embeds, tokens)
-        res["compiled_same_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, eager_tokens)) if a != b),
-                                           len(tokens))
-        res["compiled_capture_errors"] = decoder.capture_errors
+        res[f"ours_{key}_base_tok_s"] = graph_decode(vlm, decoder, embeds, tokens)
+        res[f"{key}_same_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, eager_tokens)) if a != b),
+                                         len(tokens))
+        res[f"{key}_capture_errors"] = decoder.capture_errors
         decoder.clear()
     except Exception as e:  # noqa: BLE001 - reported, the rest still runs
-        res["compiled_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        res[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
 
 
 def hf_generate(lm, ids, static: bool) -> float:
@@ -160,13 +160,16 @@ def run_torch(work: Path, measure: bool = True) -> dict:
     lm = model.language_model
     res = {"gpu": gpu_name(), "torch": torch.__version__, "copy_GBps": round(bw / 1e9)}
     work.mkdir(parents=True, exist_ok=True)
+    gguf = os.environ.get("MM_7B_GGUF", "1") != "0"
     t = time.perf_counter()
-    write_llm_gguf(lm, tok, work / "llm.f16.gguf")
-    res["gguf_write_s"] = round(time.perf_counter() - t, 1)
+    if gguf:
+        write_llm_gguf(lm, tok, work / "llm.f16.gguf")
+        res["gguf_write_s"] = round(time.perf_counter() - t, 1)
     save(res)
     peft_model = add_lora(model)
-    write_lora_gguf(get_peft_model_state_dict(peft_model, adapter_name="task"), LORA_ALPHA, work / "lora.gguf",
-                    config=lm.config, prefix="base_model.model.language_model.model.")
+    if gguf:
+        write_lora_gguf(get_peft_model_state_dict(peft_model, adapter_name="task"), LORA_ALPHA, work / "lora.gguf",
+                        config=lm.config, prefix="base_model.model.language_model.model.")
     if not measure:  # `write`: the files for the llama phase only
         return res
     vlm = VLM(peft_model, tok, None)
@@ -175,30 +178,37 @@ def run_torch(work: Path, measure: bool = True) -> dict:
     lora_bytes = sum(p.nbytes for n, p in lm.named_parameters() if "lora_" in n)
     ids = torch.randint(0, 32000, (1, N_PROMPT), device=DEVICE)
     embeds = lm.get_input_embeddings()(ids)
-    decoder = GraphDecoder(vlm, use_graphs=DEVICE == "cuda")
     with torch.no_grad():
         res["bound_base_tok_s"] = bw / base_bytes
         res["bound_lora_tok_s"] = bw / (base_bytes + lora_bytes)
         res["weights_GB_per_token"] = round(base_bytes / 1e9, 3)
-        res["ours_lora_tok_s"] = graph_decode(vlm, decoder, embeds)
-        with peft_model.disable_adapter():
-            eager_tokens: list = []
-            res["ours_base_tok_s"] = graph_decode(vlm, decoder, embeds, eager_tokens)
-            res["capture_errors"] = decoder.capture_errors
+        runs = {}
+        for fused in (False, True):  # the unfused projections first: the previous runs' path
+            name = "ours" if fused else "ours_unfused"
+            decoder = GraphDecoder(vlm, use_graphs=DEVICE == "cuda", fuse=fused)
+            res[f"{name}_lora_tok_s"] = graph_decode(vlm, decoder, embeds)
+            with peft_model.disable_adapter():
+                eager_tokens: list = []
+                res[f"{name}_base_tok_s"] = graph_decode(vlm, decoder, embeds, eager_tokens)
+            runs[fused] = eager_tokens
+            res[f"{name}_capture_errors"] = decoder.capture_errors
             decoder.clear()
             save(res)
-            compiled_row(vlm, embeds, eager_tokens, res)
-            save(res)
+        res["fused_same_tokens"] = next((i for i, (a, b) in enumerate(zip(runs[True], runs[False])) if a != b),
+                                        len(runs[True]))
+        with peft_model.disable_adapter():
+            for mode in filter(None, os.environ.get("MM_7B_COMPILE", "default").replace("off", "").split(",")):
+                compiled_row(vlm, embeds, eager_tokens, res, mode)
+                save(res)
             for mode in ("dynamic", "static") if os.environ.get("MM_7B_HF", "1") != "0" else ():
                 try:
                     res[f"hf_{mode}_tok_s"] = hf_generate(lm, ids, mode == "static")
                 except Exception as e:  # noqa: BLE001 - reported, the rest still runs
                     res[f"hf_{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 save(res)
-    for key in ("ours_base", "ours_compiled_base", "hf_dynamic", "hf_static"):
-        if f"{key}_tok_s" in res:
-            res[f"{key}_of_bound"] = res[f"{key}_tok_s"] / res["bound_base_tok_s"]
-    res["ours_lora_of_bound"] = res["ours_lora_tok_s"] / res["bound_lora_tok_s"]
+    for key in [k.removesuffix("_tok_s") for k in list(res) if k.endswith("_tok_s") and not k.startswith("bound")]:
+        bound = res["bound_lora_tok_s"] if "_lora" in key else res["bound_base_tok_s"]
+        res[f"{key}_of_bound"] = res[f"{key}_tok_s"] / bound
     return res
 
 

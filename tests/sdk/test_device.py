@@ -160,6 +160,54 @@ def test_compiled_decode_steps_write_what_eager_steps_write():
         torch.testing.assert_close(got, want)  # ...and the compiled steps wrote the same ones
 
 
+def _decode_cache(vlm, embeds, **kw):
+    """Greedy tokens and every layer's KV cache rows after 6 decode steps of a GraphDecoder (eager steps)."""
+    from mmagent.train.graph_decode import GraphDecoder
+    decoder = GraphDecoder(vlm, use_graphs=False, **kw)
+    tokens = decoder.generate(embeds, 6, stop_at_eos=False)
+    (step,) = decoder.steps.values()
+    return decoder, tokens, [t[..., :int(step.pos), :].clone() for layer in step.cache.layers
+                             for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.slow
+def test_fused_projections_decode_as_the_separate_ones_with_a_lora_active():
+    """q|k|v and gate|up as one product each (ProjectionGroup): the same KV rows and tokens as the separate
+    Linear layers, eagerly and through torch.compile, with a q/v LoRA adding its terms; the weights become
+    views into one tensor (no copy), and a call order other than the fused one is refused, not sliced."""
+    from peft import LoraConfig, get_peft_model
+    from mmagent.train.builtin import init_base
+    from mmagent.train.graph_decode import ProjectionGroup
+    from mmagent.train.vlm import VLM
+    torch.manual_seed(0)
+    model, tok, proc = init_base("tiny")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a LoRA that changes q and v
+    vlm = VLM(model, tok, proc)
+    embeds = vlm.family.embed_tokens(vlm.base_model)(torch.randint(0, 4000, (1, 7)))
+    _, want_tokens, want_cache = _decode_cache(vlm, embeds, fuse=False)
+    for mode in (None, "aot_eager"):
+        decoder, tokens, cache = _decode_cache(vlm, embeds, fuse=True, compile_mode=mode)
+        layers = len(vlm.family.decoder(vlm.base_model).layers)
+        assert len(decoder.groups) == 2 * layers and tokens == want_tokens
+        for got, want in zip(cache, want_cache, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    attn = vlm.family.decoder(vlm.base_model).layers[0].self_attn
+    q, k = attn.q_proj.get_base_layer(), attn.k_proj
+    assert q.weight.untyped_storage().data_ptr() == k.weight.untyped_storage().data_ptr()  # one tensor
+    group = decoder.groups[0]
+    group.enter()
+    try:
+        x = torch.randn(1, 1, q.in_features)
+        with pytest.raises(RuntimeError, match="MMAGENT_FUSE_PROJECTIONS"):
+            q(x), k(x.clone())
+    finally:
+        group.exit()
+    assert isinstance(group, ProjectionGroup) and "forward" not in q.__dict__  # plain Linear layers again
+
+
 @pytest.mark.slow
 def test_static_cache_steps_decode_as_the_dynamic_cache(two_runs, sample_image):
     """The GPU decode path's steps (static cache, 4-D masks, in-place token and position), run eagerly on
