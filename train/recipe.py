@@ -124,8 +124,8 @@ class TrainSection:
     cuda_graphs: bool = doc("replay each micro-batch's forward and backward as one CUDA graph (captured once per "
                             "batch shape; sequences padded to a multiple of 32): the host no longer launches "
                             "thousands of kernels one by one. CUDA, one process, decoder-only LLMs; else ignored", False)
-    fused_ops: bool = doc("the LLM's RMSNorm through torch's fused kernel and its rotary embedding compiled into "
-                          "one kernel (CUDA)", False)
+    fused_ops: bool = doc("the LLM's RMSNorm through torch's fused kernel, its rotary embedding and SwiGLU "
+                          "compiled into one kernel each (CUDA)", False)
 
 
 @dataclass

@@ -37,6 +37,11 @@ RESUMABLE = {
     "run.output_dir": "the run directory itself, however it is spelled",
     "train.gradient_checkpointing": "recomputes activations: the same numbers, less memory",
     "train.compile": "compiles the same computation",
+    "train.cuda_graphs": "replays the same computation",
+    "train.fused_ops": "fuses the same computation",
+    "train.batch_size": "with train.grad_accum, as long as their product (the examples a step takes) stays the same: "
+                        "e.g. a 2-GPU run resumed on one GPU with half the micro-batch and twice the accumulation",
+    "train.grad_accum": "with train.batch_size, as above",
     "log.tensorboard": "whether scalars also go to TensorBoard",
 }
 
@@ -184,14 +189,20 @@ def recipe_differences(started: dict, now: dict) -> list[str]:
     """`key: run's value -> this value` for every setting that may not change on resume."""
     a, b = _flatten(started), _flatten(now)
     absent = "<absent>"
+    split = ("train.batch_size", "train.grad_accum")  # may change together, keeping the step's examples
+    step_examples = [d.get(split[0], 1) * d.get(split[1], 1) if all(isinstance(d.get(k, 1), int) for k in split)
+                     else None for d in (a, b)]
     out = []
     for key in sorted(a.keys() | b.keys()):
         old, new = a.get(key, absent), b.get(key, absent)
-        if old == new or (key in RESUMABLE and key != "train.steps"):
+        if old == new or (key in RESUMABLE and key not in ("train.steps", *split)):
             continue
         if key == "train.steps" and isinstance(old, int) and isinstance(new, int) and new >= old:
             continue
-        note = " (train.steps may only be raised)" if key == "train.steps" else ""
+        if key in split and step_examples[0] is not None and step_examples[0] == step_examples[1]:
+            continue
+        note = (" (train.steps may only be raised)" if key == "train.steps" else
+                f" (train.batch_size x train.grad_accum must stay {step_examples[0]})" if key in split else "")
         out.append(f"{key}: {json.dumps(old) if old is not absent else absent} (the run) -> "
                    f"{json.dumps(new) if new is not absent else absent} (now){note}")
     return out

@@ -282,9 +282,10 @@ class Trainer:
             enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._lora_layers = [m for m in self.vlm.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
         if t.fused_ops and not self.evaluate_only:
-            from mmagent.train.fused import fuse_rms_norms, fuse_rotary
+            from mmagent.train.fused import fuse_rms_norms, fuse_rotary, fuse_swiglu
             fuse_rms_norms(self.vlm.family.decoder(base))
             fuse_rotary(self.vlm.family.decoder(base))
+            fuse_swiglu(self.vlm.family.decoder(base))
         if t.compile and not self.evaluate_only:
             for layer in self.vlm.family.decoder(base).layers:  # one compiled graph, reused by every layer
                 layer.compile()

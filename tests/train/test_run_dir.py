@@ -94,6 +94,12 @@ def test_only_the_documented_settings_may_change_on_resume():
         'tasks[1].name: <absent> (the run) -> "cap" (now)',
         "train.steps: 4 (the run) -> 3 (now) (train.steps may only be raised)"]
     assert {"train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every"} <= set(RESUMABLE)
+    # the micro-batch split may change when a step keeps its examples (2 GPUs -> 1: half the batch, twice the
+    # accumulation); a step of other size may not
+    run["train"].update(batch_size=16, grad_accum=1)
+    assert recipe_differences(run, {**run, "train": {**run["train"], "batch_size": 8, "grad_accum": 2}}) == []
+    assert recipe_differences(run, {**run, "train": {**run["train"], "batch_size": 8}}) == [
+        "train.batch_size: 16 (the run) -> 8 (now) (train.batch_size x train.grad_accum must stay 16)"]
 
 
 # ---- 3. one writer at a time -------------------------------------------------------------------------------

@@ -86,6 +86,25 @@ def test_fused_rms_norm_matches_transformers(tmp_path):
         assert (fused.float() - eager.float()).abs().max() <= tol * eager.float().abs().max()
 
 
+def test_fused_swiglu_matches_transformers_forward_and_backward():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from mmagent.train.fused import fuse_swiglu
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48))
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    eager = mlp(x)
+    (want,) = torch.autograd.grad(eager.square().sum(), x)
+    assert fuse_swiglu(torch.nn.Sequential(mlp)) == 1 and fuse_swiglu(mlp) == 0  # once only
+    fused = mlp(x)
+    (got,) = torch.autograd.grad(fused.square().sum(), x)
+    assert mlp.forward is not mlp._mm_eager_forward
+    torch.testing.assert_close(fused, eager)
+    torch.testing.assert_close(got, want)
+    gelu = LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act="gelu"))
+    assert fuse_swiglu(gelu) == 0  # another activation keeps its own forward
+
+
 def test_graph_gradients_accumulate_over_micro_batches_with_eager_ones_between():
     """GraphedStep's bookkeeping (the capture needs CUDA; this part is plain tensors): the first micro-batch's
     graph gradients replace .grad, later ones add, and what an eager micro-batch put in .grad is kept."""
