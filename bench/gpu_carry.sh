@@ -9,5 +9,6 @@ cp -r "$sp"/{rich,markdown_it,mdurl,pygments} .carry/site/
   mkdir -p ".carry/site/$(dirname "$f")" && cp "$sp/$f" ".carry/site/$f"; done
 .venv/bin/python -c "from mmagent.train.builtin import smollm2_tokenizer; smollm2_tokenizer()"
 cp -r "${MMAGENT_CACHE:-$HOME/.cache/mmagent}/tokenizer-smollm2" .carry/cache/
+git archive HEAD sdk train export recipes cli.py | gzip > .carry/head.tar.gz  # for MM_TREE=head (gpu_env.sh)
 find .carry -name __pycache__ -prune -exec rm -rf {} +
 du -sh .carry

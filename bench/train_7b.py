@@ -202,12 +202,16 @@ def free_memory() -> None:
 def logged_run(base: str, data: Path, run: Path, resume: bool, overrides: list[str]) -> None:
     """Trainer.setup + train (no final evaluation): metrics.jsonl and checkpoints, on 1 or N processes."""
     from mmagent.train.trainer import Trainer
+    import torch
     trainer = Trainer(recipe(base, data, run, overrides), resume=resume)
     trainer.setup()
     try:
         trainer.train()
     finally:
         trainer.close()
+    if torch.cuda.is_available():  # each process's own peak (FSDP: a shard's share)
+        print(json.dumps({"rank": trainer.ranks.rank, "world": trainer.ranks.world, "overrides": overrides,
+                          "peak_GiB": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}), flush=True)
 
 
 def main(argv=None) -> None:
