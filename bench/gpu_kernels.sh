@@ -7,6 +7,8 @@
 #                                    Llama, against the bound; the tiny default: torch on CUDA, edge on the CPU
 #   bash bench/gpu_kernels.sh two    (carry .cuda-ort .cuda/head.tar.gz)  onnxruntime's CUDA provider: the tiny
 #                                    default's edge backend on CUDA, and `mmagent check --device cuda`
+#   bash bench/gpu_kernels.sh torch7b (carry .cuda, or after `one`)  the torch backend's 7B decode: graphs with
+#                                    fused projections against unfused, and over compiled steps (MM_7B_COMPILE)
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
 #                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.
@@ -101,6 +103,13 @@ two)
   step tiny_edge-cuda timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda --out "$res"/tiny_edge-cuda.json
   step check timeout 180 python3 "$pkg"/cli.py check "$W"/tiny/bundle "$W"/tiny/vqa "$W"/tiny/caption --device cuda
   ;;
+torch7b)  # after `one` (or alone): the torch backend's 7B decode, fused projections and not, compiled modes
+  mkdir -p "$W"/site "$W"/cache
+  [ -d "$W"/site/gguf ] || tar xzf .cuda/site.tar.gz -C "$W"/site
+  [ -d "$W"/cache/tokenizer-smollm2 ] || tar xzf .cuda/cache.tar.gz -C "$W"/cache
+  MM_7B_GGUF=0 MM_7B_HF=${MM_7B_HF:-0} MM_7B_COMPILE=${MM_7B_COMPILE:-default} \
+    step 7b_torch_fused timeout 300 python3 bench/decode_7b.py torch --work "$W"/7b_torch --out "$res"/7b_torch_fused.json
+  ;;
 ort)  # on its own, no llama.cpp (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort): the vision graph on CUDA
   rm -rf "$W"/site "$W"/tiny && mkdir -p "$W"/site "$W"/cache
   tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
@@ -117,5 +126,5 @@ from pathlib import Path; from mmagent.export.bundle import export_bundle; w = P
 export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
   step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two|ort|ort2"; exit 2 ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|ort|ort2"; exit 2 ;;
 esac

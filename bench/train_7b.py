@@ -87,9 +87,11 @@ def make_base(out: Path, tiny: bool) -> None:
     print(f"wrote {out}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
 
 
-def make_data(out: Path, text: int, size: int, n_train: int = 256) -> None:
+def make_data(out: Path, text: int, size: int, n_train: int = 256, mixed: bool = False) -> None:
     """JSONL records whose prompt is 32 placeholders + text/2 tokens and whose answer is text/2 tokens
-    (eos included), as the baseline labels its sequences; a COCO-captions file for the held-out split."""
+    (eos included), as the baseline labels its sequences; a COCO-captions file for the held-out split.
+    mixed: each record's instruction and answer take between half and all of those lengths (batches of
+    several lengths, as real data has)."""
     import numpy as np
     from PIL import Image
     from mmagent.prompt import DEFAULT_SYSTEM, chat_prompt
@@ -106,15 +108,18 @@ def make_data(out: Path, text: int, size: int, n_train: int = 256) -> None:
     words = random.Random(0)
     lines = []
     for i in range(n_train):
-        instruction = " ".join(f"w{words.randrange(VOCAB - 10)}" for _ in range(n_instruction))
-        answer = " ".join(f"w{words.randrange(ANSWER_WORDS)}" for _ in range(n_answer))
+        n_i, n_a = ((words.randint(max(1, n_instruction // 2), n_instruction), words.randint(max(1, n_answer // 2), n_answer))
+                    if mixed else (n_instruction, n_answer))
+        instruction = " ".join(f"w{words.randrange(VOCAB - 10)}" for _ in range(n_i))
+        answer = " ".join(f"w{words.randrange(ANSWER_WORDS)}" for _ in range(n_a))
         lines.append(json.dumps({"image_path": str(out / "train" / f"{i % 16}.png"), "instruction": instruction,
                                  "input": "", "output": answer, "task": "caption"}))
     (out / "train.jsonl").write_text("\n".join(lines) + "\n")
     coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(2)],
             "annotations": [{"id": i, "image_id": i, "caption": "w1 w2 w3"} for i in range(2)]}
     (out / "eval.json").write_text(json.dumps(coco))
-    print(f"wrote {out}: {n_train} examples of {N_QUERY + text} tokens ({n_answer + 1} answer tokens)")
+    print(f"wrote {out}: {n_train} examples of {'up to ' if mixed else ''}{N_QUERY + text} tokens "
+          f"({n_answer + 1} answer tokens{' at most' if mixed else ''})")
 
 
 def recipe(base: str, data: Path, run: Path, overrides: list[str]):
@@ -220,6 +225,7 @@ def main(argv=None) -> None:
     ap.add_argument("paths", nargs="+", help="base: DIR; data: DIR; speed: BASE DATA; steps: BASE DATA RUN")
     ap.add_argument("--tiny", action="store_true", help="toy sizes of the same classes (a CPU check)")
     ap.add_argument("--text", type=int, default=128, help="text tokens a sequence (data)")
+    ap.add_argument("--mixed", action="store_true", help="data: lengths between half and all of --text")
     ap.add_argument("--case", action="append", default=[],
                     help='speed: "BATCH [key=value ...]", one process for all cases (the base loads per case)')
     ap.add_argument("--warmup", type=int, default=3)
@@ -232,7 +238,7 @@ def main(argv=None) -> None:
     if args.what == "base":
         make_base(Path(args.paths[0]), args.tiny)
     elif args.what == "data":
-        make_data(Path(args.paths[0]), args.text, configs(args.tiny)["vision"]["image_size"])
+        make_data(Path(args.paths[0]), args.text, configs(args.tiny)["vision"]["image_size"], mixed=args.mixed)
     elif args.what == "speed":
         import torch
         rate = args.rate or (matmul_rate() if torch.cuda.is_available() else 0.0)
