@@ -1,6 +1,8 @@
 """The tables of bench/gpu_train_7b.sh's results (docs/BENCHMARKS.md, "Training at 7B scale").
 
-    python bench/train_7b_report.py OUT_DIR      # baseline.jsonl, ours.jsonl, metrics_{one,two,cut}.jsonl
+    python bench/train_7b_report.py OUT_DIR
+        baseline.jsonl, ours.jsonl, metrics_{one,two,cut}.jsonl, metrics_mix_{eager,graphs}.jsonl, metrics_fsdp.jsonl
+        + fsdp.log (bench/gpu_train_7b.sh, gpu_graphs_7b.sh, gpu_scale_7b.sh)
 """
 from __future__ import annotations
 
@@ -26,20 +28,19 @@ def fmt(r: dict | None, key: str, unit: str = "") -> str:
     return "—" if not r or r.get(key) is None else f"{r[key]:,}{unit}"
 
 
+def case_name(r: dict) -> str:
+    keys = [k.removeprefix("train.") for k in r.get("overrides", []) if not k.startswith("train.batch_size")]
+    return "ours" + (", " + " ".join(keys) if keys else " (defaults)")
+
+
 def speed_table(base: list[dict], ours: list[dict]) -> list[str]:
+    """Every row of the call, the baseline's first at each batch, ours against the baseline of its batch."""
     out = ["| run | B·T | tokens/s | samples/s | peak GiB | LLM-MFU | × baseline tok/s |", "|---|---|---|---|---|---|---|"]
-    cases = [("baseline LoRA", base_case(base, "lora", 4)), ("ours LoRA (defaults)", ours_case(ours, 4)),
-             ("ours LoRA, bf16-mixed", ours_case(ours, 4, "train.precision=bf16-mixed")),
-             ("ours LoRA, compile", ours_case(ours, 4, "train.compile=true")),
-             ("baseline LoRA, grad. ckpt", base_case(base, "lora", 4, True)),
-             ("ours LoRA, grad. ckpt", ours_case(ours, 4, "train.gradient_checkpointing=true")),
-             ("baseline LoRA", base_case(base, "lora", 16)), ("ours LoRA (defaults)", ours_case(ours, 16)),
-             ("ours LoRA, compile", ours_case(ours, 16, "train.compile=true"))]
-    for name, r in cases:
-        if r is None:
-            continue
-        b = base_case(base, "lora", r["B"], bool(r.get("ckpt")) or "train.gradient_checkpointing=true" in
-                      r.get("overrides", []))
+    named = [(f"baseline {r['mode']}" + (", grad. ckpt" if r.get("ckpt") else ""), r) for r in base if "mode" in r]
+    named += [(case_name(r), r) for r in ours if "who" in r]
+    for name, r in sorted(named, key=lambda nr: (nr[1]["B"], not nr[0].startswith("baseline"))):
+        ckpt = bool(r.get("ckpt")) or "train.gradient_checkpointing=true" in r.get("overrides", [])
+        b = base_case(base, "lora", r["B"], ckpt)
         if "error" in r:
             out.append(f"| {name} | {r['B']} | {r['error']} | | | | |")
             continue
@@ -62,25 +63,64 @@ def method_table(base: list[dict], ours: list[dict]) -> list[str]:
     return out
 
 
+def losses(folder: Path, name: str) -> dict[int, dict]:
+    return {m["step"]: m for m in rows(folder / f"metrics_{name}.jsonl") if "loss" in m}
+
+
+def median_rate(run: dict[int, dict], after: int = 3) -> float:
+    return statistics.median(m["samples_per_s"] for s, m in run.items() if s > after)
+
+
+def shown_steps(last: int, around: int) -> list[int]:
+    return sorted({1, 2, 5, *range(10, last + 1, 5), around, around + 1, last} & set(range(1, last + 1)))
+
+
 def scaling_table(folder: Path) -> list[str]:
-    runs = {name: {m["step"]: m for m in rows(folder / f"metrics_{name}.jsonl") if "loss" in m}
-            for name in ("one", "two", "cut")}
+    runs = {name: losses(folder, name) for name in ("one", "two", "cut")}
     if not runs["one"] or not runs["two"]:
         return ["(no scaling runs)"]
-    sps = {n: statistics.median(m["samples_per_s"] for s, m in r.items() if s > 3) for n, r in runs.items() if r}
-    out = [f"samples/s (median of steps 4-30): 1 GPU {sps['one']:.2f}, 2 GPUs {sps['two']:.2f}: "
+    last = max(runs["two"])
+    # the resumed run's metrics repeat the 2-GPU run's up to the checkpoint it resumed from
+    resumed_at = max((s for s in runs["cut"] if s in runs["two"] and runs["cut"][s] == runs["two"][s]), default=0)
+    sps = {n: median_rate(r) for n, r in runs.items() if r}
+    out = [f"samples/s (median of steps 4-{last}): 1 GPU {sps['one']:.2f}, 2 GPUs {sps['two']:.2f}: "
            f"**{sps['two'] / sps['one']:.2f}×**", "",
-           "| step | loss 1 GPU | loss 2 GPUs | 2-GPU run resumed on 1 GPU at step 20 |", "|---|---|---|---|"]
-    for s in (1, 2, 5, 10, 15, 20, 21, 22, 25, 30):
+           f"| step | loss 1 GPU | loss 2 GPUs | 2-GPU run resumed on 1 GPU at step {resumed_at} |", "|---|---|---|---|"]
+    for s in shown_steps(last, resumed_at):
         cells = [f"{runs[n][s]['loss']:.4f}" if s in runs[n] else "—" for n in ("one", "two", "cut")]
         out.append(f"| {s} | " + " | ".join(cells) + " |")
     common = sorted(set(runs["one"]) & set(runs["two"]))
     gap = max(abs(runs["one"][s]["loss"] - runs["two"][s]["loss"]) for s in common)
-    tail = [s for s in runs["cut"] if s > 20 and s in runs["two"]]
+    tail = [s for s in runs["cut"] if s > resumed_at and s in runs["two"]]
     out.append("")
-    out.append(f"max |1 GPU − 2 GPUs| over steps 1-30: {gap:.4f}" + (
-        f"; max |resumed − 2 GPUs| over steps 21-30: "
+    out.append(f"max |1 GPU − 2 GPUs| over steps 1-{last}: {gap:.4f}" + (
+        f"; max |resumed − 2 GPUs| over steps {resumed_at + 1}-{last}: "
         f"{max(abs(runs['cut'][s]['loss'] - runs['two'][s]['loss']) for s in tail):.4f}" if tail else ""))
+    return out
+
+
+def mixed_table(folder: Path) -> list[str]:
+    """CUDA graphs against eager on mixed-length data with accumulation (metrics_mix_{eager,graphs})."""
+    runs = {m: losses(folder, f"mix_{m}") for m in ("eager", "graphs")}
+    if not all(runs.values()):
+        return ["(no mixed-length runs)"]
+    last = min(max(r) for r in runs.values())
+    out = [f"samples/s (median of steps 4-{last}): eager {median_rate(runs['eager']):.2f}, graphs "
+           f"{median_rate(runs['graphs']):.2f}: **{median_rate(runs['graphs']) / median_rate(runs['eager']):.2f}×**",
+           "", "| step | loss eager | loss graphs |", "|---|---|---|"]
+    for s in shown_steps(last, 0):
+        out.append(f"| {s} | {runs['eager'][s]['loss']:.4f} | {runs['graphs'][s]['loss']:.4f} |")
+    return out
+
+
+def fsdp_lines(folder: Path) -> list[str]:
+    run = losses(folder, "fsdp")
+    log = folder / "fsdp.log"
+    peaks = [r for r in rows(log) if "peak_GiB" in r] if log.exists() else []
+    if not run and not peaks:
+        return ["(no FSDP run)"]
+    out = [f"rank {r['rank']} of {r['world']}: peak {r['peak_GiB']} GiB" for r in peaks]
+    out += [f"step {s}: loss {m['loss']:.4f}, {m['samples_per_s']} samples/s" for s, m in sorted(run.items())]
     return out
 
 
@@ -92,7 +132,9 @@ def main(folder: str) -> None:
     print(f"{when}\nbf16 matmul rate measured in the call: {rate.get('bf16_matmul_TFLOPs')} TFLOP/s\n")
     for title, table in (("1. Throughput and memory (GPU 0)", speed_table(base, ours)),
                          ("2. LoRA vs full fine-tuning", method_table(base, ours)),
-                         ("3. 1 GPU vs 2 GPUs, global batch 16·T160", scaling_table(folder))):
+                         ("3. 1 GPU vs 2 GPUs, one global batch", scaling_table(folder)),
+                         ("CUDA graphs on mixed lengths, 4 micro-batches a step", mixed_table(folder)),
+                         ("FSDP, full fine-tuning on 2 GPUs", fsdp_lines(folder))):
         print(f"### {title}\n")
         print("\n".join(table) + "\n")
 
