@@ -4,9 +4,10 @@
 # with bench/gpu_cuda_carry.sh.
 #   bash bench/gpu_kernels.sh one    (carry .cuda)      build llama.cpp CUDA; 7B decode: torch backend (graphs,
 #                                    and graphs over a torch.compile'd step), our GGUF through the SDK vs plain
-#                                    Llama, against the bound; the tiny default: torch on CUDA, edge on the CPU
-#   bash bench/gpu_kernels.sh two    (carry .cuda-ort .cuda/head.tar.gz)  onnxruntime's CUDA provider: the tiny
-#                                    default's edge backend on CUDA, and `mmagent check --device cuda`
+#                                    Llama, against the bound
+#   bash bench/gpu_kernels.sh two    (carry .cuda-ort .cuda/head.tar.gz)  the tiny default exported (self-check
+#                                    on the CPU): torch on CUDA, edge on the CPU, then onnxruntime's CUDA
+#                                    provider: the edge backend on CUDA, and `mmagent check --device cuda`
 #   bash bench/gpu_kernels.sh torch7b (carry .cuda, or after `one`)  the torch backend's 7B decode: graphs with
 #                                    fused projections against unfused, and over compiled steps (MM_7B_COMPILE)
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
@@ -89,14 +90,14 @@ PY
   fi
   CUDA_VISIBLE_DEVICES= smoke llama_smoke_cpu 0
   step 7b_llama timeout 300 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
-  step tiny_export env CUDA_VISIBLE_DEVICES= timeout 150 python3 bench/tiny_gpu.py export --work "$W"/tiny ||
-    step tiny_export_committed committed env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny
-  step tiny_torch-cuda timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row torch-cuda --out "$res"/tiny_torch-cuda.json
-  step tiny_edge-cpu env CUDA_VISIBLE_DEVICES= timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cpu --out "$res"/tiny_edge-cpu.json
   ;;
 two)
   [ -d "$W"/build/bin ] || { echo "no /tmp/mm/build: this is a fresh machine, run 'one' first"; exit 3; }
   [ -f "$W"/llama.env ] && . "$W"/llama.env  # what `one` needed to run llama.cpp on the GPU
+  step tiny_export env CUDA_VISIBLE_DEVICES= timeout 150 python3 bench/tiny_gpu.py export --work "$W"/tiny ||
+    step tiny_export_committed committed env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny
+  step tiny_torch-cuda timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row torch-cuda --out "$res"/tiny_torch-cuda.json
+  step tiny_edge-cpu env CUDA_VISIBLE_DEVICES= timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cpu --out "$res"/tiny_edge-cpu.json
   python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
     .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
   step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
