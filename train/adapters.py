@@ -96,16 +96,21 @@ def trainable_table(model, family, soft_prompt=None) -> list[tuple[str, int, int
     return out
 
 
-def save_adapter(peft_model, name: str, out_dir: Path, soft_prompt, meta: dict) -> None:
+def save_adapter(peft_model, name: str, out_dir: Path, soft_prompt, meta: dict,
+                 state_dict: dict | None = None) -> None:
+    """`state_dict`: whole tensors by parameter name (`soft_prompt.vectors` for the soft prompt) when the
+    model's own are sharded (FSDP: Ranks.full_model_state); else the model's are read."""
     with atomic_dir(out_dir, force=True) as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[name])
+        whole = {} if state_dict is None else {"state_dict": state_dict}
+        peft_model.save_pretrained(tmp, selected_adapters=[name], **whole)
         src = tmp / name if (tmp / name).is_dir() else tmp  # PEFT nests non-default adapter names
         if src != tmp:
             for f in src.iterdir():
                 f.rename(tmp / f.name)
             src.rmdir()
         if soft_prompt is not None:
-            save_soft_prompt(tmp, soft_prompt.vectors.detach())
+            vectors = soft_prompt.vectors.detach() if state_dict is None else state_dict["soft_prompt.vectors"]
+            save_soft_prompt(tmp, vectors)
         (tmp / META).write_text(json.dumps(meta, indent=1))
 
 

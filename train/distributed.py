@@ -14,6 +14,17 @@ What keeps a run the same on any number of processes:
   backward. Rank 0's trained weights are broadcast once, and after a step's micro-batches the gradients are
   averaged in one all-reduce of a flat buffer (`Ranks(manual=True)`, `average_grads`). A LoRA's gradients
   are a few MB, so not overlapping that all-reduce with the backward costs little.
+- With `train.sharding = "fsdp"` (what does not fit one card) the weights, gradients and optimizer state are
+  sharded over the processes by torch's FSDP2 (`fully_shard`): one unit per decoder layer of the LLM, per layer
+  of the vision encoder, the bridge (Q-Former or projector) whole, the rest in the root. FSDP2 keeps each
+  parameter's dtype and requires_grad, so LoRA (frozen base + trained adapters in one unit) and the precision
+  modes work as on one process. Checkpoints and saved adapters/models are gathered into full tensors on rank 0
+  (torch.distributed.checkpoint.state_dict), so their layout is the one-process layout and a run resumes on
+  any number of processes. Rank 0 evaluates alone on the gathered weights while the others wait.
+  Plain torch FSDP2 rather than accelerate's FSDP plugin: the plugin is not applied on CPU processes (the gloo
+  launch CI tests with), wraps by layer class names only, and carves a transformers model's embeddings and
+  lm_head into their own units, while our loss reads `lm_head.weight` rows directly (train.loss_vocab =
+  "targets"), outside lm_head's forward, where such a unit's weight is still sharded.
 """
 from __future__ import annotations
 
@@ -29,10 +40,11 @@ import torch
 class Ranks:
     """This process among the training processes (torchrun/accelerate environment variables)."""
 
-    def __init__(self, find_unused: bool = False, manual: bool = False):
+    def __init__(self, find_unused: bool = False, manual: bool = False, sharding: str = "none"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.accelerator = None
         self.manual = manual and self.world > 1  # gradients averaged by average_grads, not by DDP hooks
+        self.sharded = sharding == "fsdp" and self.world > 1  # FSDP2 units instead of DDP (see shard())
         if self.world > 1:
             from accelerate import Accelerator
             from accelerate.utils import DistributedDataParallelKwargs
@@ -66,6 +78,8 @@ class Ranks:
         manual gradient averaging (then every rank starts from rank 0's trained weights, as DDP does)."""
         if self.accelerator is None:
             return module
+        if self.sharded:
+            return shard(module, self.device, self.world)
         if self.manual:
             for p in module.parameters():
                 if p.requires_grad:
@@ -74,8 +88,9 @@ class Ranks:
         return self.accelerator.prepare_model(module)
 
     def no_sync(self, module, last: bool):
-        """Gradient accumulation: all-reduce only on the step's last micro-batch."""
-        if self.accelerator is None or self.manual or last:
+        """Gradient accumulation: all-reduce only on the step's last micro-batch. FSDP reduce-scatters every
+        micro-batch: skipping it would keep whole unsharded gradients, the memory sharding is there to save."""
+        if self.accelerator is None or self.manual or self.sharded or last:
             return nullcontext()
         return self.accelerator.no_sync(module)
 
@@ -104,6 +119,95 @@ class Ranks:
     def barrier(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
+
+    def gather_weights(self, root: torch.nn.Module) -> None:
+        """FSDP: every rank all-gathers every unit's weights and keeps them whole until release_weights, so
+        that rank 0 can run forwards alone (evaluation, decoding) while the others wait. Nothing otherwise."""
+        if not self.sharded:
+            return
+        for unit in fsdp_units(root):
+            if unit is not root:  # the root is not called in evaluation; its weights stay whole until reshard
+                unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+
+    def release_weights(self, root: torch.nn.Module) -> None:
+        """FSDP: wait for rank 0's forwards on the gathered weights, then shard them again."""
+        if not self.sharded:
+            return
+        self.barrier()
+        for unit in fsdp_units(root):
+            unit.reshard()
+            if unit is not root:
+                unit.set_reshard_after_forward(True, recurse=False)
+
+    def full_model_state(self, root: torch.nn.Module, trained_only: bool) -> dict | None:
+        """FSDP: the model's full (unsharded) tensors on rank 0's CPU, named as in the unsharded model
+        (`soft_prompt.vectors` for the soft prompt), every trained one or (trained_only=False) all; {} on the
+        other ranks, which must call this too. None without sharding: read the model itself."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+        state = get_model_state_dict(root, options=opts)
+        if not self.main:
+            return {}
+        trained = {name for name, p in root.named_parameters() if p.requires_grad}
+        return {unwrapped_name(k): v for k, v in tie_like(root, state).items() if not trained_only or k in trained}
+
+
+def shard_units(vlm) -> list[torch.nn.Module]:
+    """FSDP units of a VLM: each layer of the vision encoder and of the LLM (the entries of the outermost
+    ModuleLists under each part), the bridge whole (Q-Former or projector: small beside them)."""
+    base, parts = vlm.base_model, vlm.family.parts
+    units = [base.get_submodule(parts.bridge)]
+    for prefix in (parts.vision, parts.llm):
+        part = base.get_submodule(prefix)
+        lists: list[str] = []
+        for name, module in part.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(f"{o}.") for o in lists):
+                lists.append(name)
+                units += list(module)
+        if not lists:
+            units.append(part)
+    return units
+
+
+def shard(root: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """FSDP2 on the training forward (Trainer's LossForward, `root.vlm` its VLM): the units of shard_units,
+    then the root with all else (embeddings, final norm, head, projection, query tokens, soft prompt)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if root.vlm.seq2seq:
+        raise ValueError("`train.sharding = \"fsdp\"` supports decoder-only LLMs; this base's LLM is an "
+                         "encoder-decoder (Flan-T5), whose sharded training is untested: set train.sharding = "
+                         "\"none\" (DDP) for it")
+    mesh = init_device_mesh(device.type, (world,))
+    for unit in shard_units(root.vlm):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(root, mesh=mesh)  # the root keeps its weights whole from forward to backward (FSDP2's default)
+    return root
+
+
+def fsdp_units(root: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
+def unwrapped_name(fqn: str) -> str:
+    """A name under the training forward (LossForward: `model.<name>`, `soft_prompt.vectors`) as the
+    unsharded trainer names it: the model's own parameter name, or `soft_prompt.vectors`."""
+    return fqn.removeprefix("model.")
+
+
+def tie_like(root: torch.nn.Module, state: dict) -> dict:
+    """Gathered tensors are copies: names of one tied parameter (an LLM's input embedding and head) get one
+    tensor again, so that save_pretrained sees them tied as it does on one process."""
+    first: dict[int, str] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        if name in state and id(p) in first and first[id(p)] in state:
+            state[name] = state[first[id(p)]]
+        first.setdefault(id(p), name)
+    return state
 
 
 def launch(gpus: int, argv: list[str]) -> int:

@@ -126,6 +126,10 @@ class TrainSection:
                             "thousands of kernels one by one. CUDA, one process, decoder-only LLMs; else ignored", False)
     fused_ops: bool = doc("the LLM's RMSNorm through torch's fused kernel, its rotary embedding and SwiGLU "
                           "compiled into one kernel each (CUDA)", False)
+    sharding: str = doc("none (every process holds the whole model: DDP) | fsdp (weights, gradients and optimizer "
+                        "state sharded over the processes with torch's FSDP2, one unit per LLM and vision layer: "
+                        "for what does not fit one card; checkpoints keep the one-process layout). With one "
+                        "process fsdp changes nothing", "none")
 
 
 @dataclass
@@ -353,6 +357,13 @@ def semantic_problems(r: Recipe) -> list[str]:
                  "bf16 suits LoRA on a GPU, fp32 a CPU")
     if t.attention not in ("sdpa", "eager"):
         p.append(f"`train.attention`: expected sdpa or eager, got {t.attention!r}")
+    if t.sharding not in ("none", "fsdp"):
+        p.append(f"`train.sharding`: expected none or fsdp, got {t.sharding!r}")
+    if t.sharding == "fsdp" and t.cuda_graphs:
+        p.append("`train.sharding`: fsdp cannot run with train.cuda_graphs = true (a captured backward cannot run "
+                 "FSDP's per-layer all-gathers and reduce-scatters; graphs on several processes average whole "
+                 "gradients by hand): set train.cuda_graphs = false, or train.sharding = \"none\" if the model "
+                 "fits one card")
     if t.method not in ("lora", "full"):
         p.append(f"`train.method`: expected lora or full, got {t.method!r}")
     for part in t.parts:

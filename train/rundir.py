@@ -42,6 +42,7 @@ RESUMABLE = {
     "train.batch_size": "with train.grad_accum, as long as their product (the examples a step takes) stays the same: "
                         "e.g. a 2-GPU run resumed on one GPU with half the micro-batch and twice the accumulation",
     "train.grad_accum": "with train.batch_size, as above",
+    "train.sharding": "how the same state is spread over the processes (checkpoints have one layout)",
     "log.tensorboard": "whether scalars also go to TensorBoard",
 }
 

@@ -20,7 +20,7 @@ from mmagent.files import atomic_write_bytes, atomic_write_json
 from mmagent.images import ImageError, load_image
 from mmagent.prompt import default_instruction
 from mmagent.train import adapters as ad
-from mmagent.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from mmagent.train.checkpoint import checkpoints, gather_state, load_checkpoint, save_checkpoint
 from mmagent.train.data.records import DataError
 from mmagent.train.data.stream import TaskMixture
 from mmagent.train.data.tasks import check_images_exist, eval_subset, file_digests, task_records
@@ -102,7 +102,8 @@ class Trainer:
         self.console = console or Console()
         self.run_dir = recipe.run_dir
         # one process: rank 0 of 1; CUDA graphs on several: gradients averaged by hand (no DDP hooks)
-        self.ranks = Ranks(find_unused=recipe.train.method == "full", manual=recipe.train.cuda_graphs)
+        self.ranks = Ranks(find_unused=recipe.train.method == "full", manual=recipe.train.cuda_graphs,
+                           sharding="none" if evaluate_only else recipe.train.sharding)  # fsdp: FSDP2 units
         self.device = self.ranks.device
         if not self.ranks.main:  # one voice and one writer: rank 0's
             self.console = Console(quiet=True)
@@ -141,6 +142,8 @@ class Trainer:
             self.soft_prompt = ad.SoftPrompt(embed, r.soft_prompt.tokens, r.run.seed).to(self.device)
         self.ranks.check_batch(r.train.batch_size)
         self.forward = self.ranks.wrap(LossForward(self.vlm, self.soft_prompt))  # DDP on several processes
+        if r.train.sharding == "fsdp" and self.ranks.world == 1 and not self.evaluate_only:
+            self.console.print("train.sharding = fsdp on one process: nothing to shard; the model trains whole")
         self._setup_optimizer()
         self.loss_vocab = self._target_vocab() if r.train.loss_vocab == "targets" and self.train_records else None
         self.graphs = self._graphs()
@@ -367,7 +370,8 @@ class Trainer:
             self._truncate_metrics(0)  # what an earlier attempt logged is not this run's
             return
         step, path = found[-1]
-        state = load_checkpoint(path, self.params, self.optimizer, self.scheduler)
+        state = load_checkpoint(path, self.params, self.optimizer, self.scheduler,
+                                self.forward if self.ranks.sharded else None)  # FSDP: scattered from rank 0
         self.step, self.position = state["step"], state["position"]["example"]
         self.skipped = list(dict.fromkeys(state["position"].get("skipped", [])))
         self._truncate_metrics(self.step)
@@ -541,8 +545,10 @@ class Trainer:
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save_checkpoint()
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    self.ranks.gather_weights(self.forward)  # FSDP: whole weights for rank 0's forwards
                     if self.ranks.main:  # rank 0 evaluates, the others wait for it
                         self._log({"step": self.step, "eval": self.evaluate()})
+                    self.ranks.release_weights(self.forward)
                     self.ranks.barrier()
                 if self.stop_signal is not None:
                     break
@@ -580,10 +586,14 @@ class Trainer:
             f"`mmagent train {self.recipe.source} --resume` (and the same key=value overrides)"))
 
     def save_checkpoint(self) -> None:
-        if not self.ranks.main:  # replicated state: rank 0's checkpoint is every rank's
-            return
-        save_checkpoint(self.run_dir, self.step, self.params, self.optimizer, self.scheduler,
-                        {"example": self.position, "skipped": list(self.skipped), "world_size": self.ranks.world})
+        trainables, optimizer = self.params, self.optimizer
+        if self.ranks.sharded:  # every rank sends its shards: whole tensors on rank 0, the one-process layout
+            trainables, optimizer = gather_state(self.forward, self.params, self.optimizer)
+        if self.ranks.main:  # replicated (or gathered) state: rank 0's checkpoint is every rank's
+            save_checkpoint(self.run_dir, self.step, trainables, optimizer, self.scheduler,
+                            {"example": self.position, "skipped": list(self.skipped), "world_size": self.ranks.world})
+        if self.ranks.sharded:
+            self.ranks.barrier()  # every rank agrees on which checkpoints exist (_stop reads them)
 
     # ---- evaluation and output -----------------------------------------------------------------
     def evaluate(self, with_adapter: bool = True, split: str = "eval", candidates: dict | None = None) -> dict:
@@ -634,9 +644,13 @@ class Trainer:
         """Evaluate adapter and base, write the adapter (or the full model) and the results."""
         r = self.recipe
         if not self.ranks.main:  # rank 0 evaluates and writes the run; the others wait for it
+            self.ranks.gather_weights(self.forward)  # FSDP: the others take part in rank 0's all-gathers
+            self.ranks.release_weights(self.forward)
+            self.ranks.full_model_state(self.forward, trained_only=r.train.method == "lora")
             self.ranks.barrier()
             self.close()
             return {"steps": self.step}
+        self.ranks.gather_weights(self.forward)  # FSDP: whole weights for the evaluation (rank 0 alone)
         results = {"adapter": self.evaluate(True)}
         if "comp" in self.eval_records:
             results["adapter_compositional"] = self.evaluate(True, "comp")
@@ -649,6 +663,8 @@ class Trainer:
         results["steps"] = self.step  # what --resume calls finished (mmagent.train.rundir)
         results["trainable"] = {name: [n, total] for name, n, total in
                                 ad.trainable_table(self.vlm.model, self.vlm.family, self.soft_prompt)}
+        self.ranks.release_weights(self.forward)
+        full = self.ranks.full_model_state(self.forward, trained_only=r.train.method == "lora")  # FSDP: whole tensors
         self._log({"step": self.step, "eval": results["adapter"]})  # the evaluation curve's last point
         meta = {"task": r.adapter_name, "tasks": [t.name for t in r.tasks], "base_ref": self.base.ref,
                 "kinds": sorted({t.kind for t in r.tasks}),
@@ -658,9 +674,9 @@ class Trainer:
                 "soft_prompt_tokens": r.soft_prompt.tokens, "system": r.model.system}
         if r.train.method == "lora":
             ad.save_adapter(self.vlm.model, r.adapter_name, self.run_dir / "adapters" / r.adapter_name,
-                            self.soft_prompt, meta)
+                            self.soft_prompt, meta, state_dict=full)
         else:
-            self.save_full_model()
+            self.save_full_model(full)
         atomic_write_json(self.run_dir / "recipe.json", r.to_dict())
         atomic_write_json(self.run_dir / "base.json", {"ref": self.base.ref, "fingerprint": self.base.fingerprint,
                                                        "path": str(self.base.path)})
@@ -670,10 +686,15 @@ class Trainer:
         self.ranks.barrier()
         return results
 
-    def save_full_model(self) -> None:
+    def save_full_model(self, state: dict | None = None) -> None:
+        """`state`: the model's whole tensors when its own are sharded (Ranks.full_model_state)."""
         from mmagent.files import atomic_dir
         with atomic_dir(self.run_dir / "model", force=True) as tmp:
-            self.vlm.model.save_pretrained(tmp)
+            if state is None:
+                self.vlm.model.save_pretrained(tmp)
+            else:
+                self.vlm.model.save_pretrained(tmp, state_dict={k: v for k, v in state.items()
+                                                                if k != "soft_prompt.vectors"})
             self.vlm.tokenizer.save_pretrained(tmp)
             self.vlm.image_processor.save_pretrained(tmp)
 

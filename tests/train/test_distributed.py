@@ -141,3 +141,60 @@ def test_gradients_averaged_by_hand_are_the_mean_over_ranks_in_every_dtype():
         mp.spawn(_average_on, args=(free_port(), result), nprocs=2)
         got = dict(result)
     assert got[0] == got[1] == ([[1.5] * 3] * 2, [1.0] * 4, [2.0] * 2)
+
+
+# ---- FSDP (train.sharding = "fsdp"): sharded weights, gradients and optimizer state; one checkpoint layout ----
+
+def same_layout(ck1, ck2) -> None:
+    """Two checkpoints in one layout: the same files, trained tensors (names, shapes, dtypes), optimizer
+    tensors under the same indices and the same optimizer groups."""
+    assert sorted(p.name for p in ck1.iterdir()) == sorted(p.name for p in ck2.iterdir())
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        a, b = load_file(ck1 / name), load_file(ck2 / name)
+        assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}, name
+    s1, s2 = (json.loads((ck / "state.json").read_text())["optimizer"] for ck in (ck1, ck2))
+    assert s1["param_groups"] == s2["param_groups"] and s1["scalars"].keys() == s2["scalars"].keys()
+
+
+def agree(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    return sorted(a) == sorted(b) and all(abs(a[s] - b[s]) < tol * abs(a[s]) for s in a)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_trains_the_lora_steps_of_one_and_resumes_on_one(tmp_path, still_base, one):
+    two = tmp_path / "fsdp"
+    out = train(two, still_base, "train.sharding=fsdp", gpus=2)
+    assert out.count("run directory:") == 1
+    assert agree(losses(one), losses(two)), (losses(one), losses(two))
+    same_layout(one / "checkpoints/step-2", two / "checkpoints/step-2")
+    assert same_weights(load_file(one / "checkpoints/step-2/trainable.safetensors"),
+                        load_file(two / "checkpoints/step-2/trainable.safetensors"))
+    adapter = "adapters/vqa/adapter_model.safetensors"  # whole tensors, as one process saves them
+    assert same_weights(load_file(one / adapter), load_file(two / adapter))
+
+    cut = tmp_path / "cut"  # stopped after its step-2 checkpoint, resumed on one process: the same curve
+    shutil.copytree(two, cut, ignore=shutil.ignore_patterns("adapters", "results.json", "report.md", ".lock"))
+    out = train(cut, still_base, "train.sharding=fsdp", "--resume")
+    assert "nothing to shard" in out
+    assert agree(losses(two), losses(cut)), (losses(two), losses(cut))
+    assert same_weights(load_file(cut / adapter), load_file(two / adapter))
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_trains_the_steps_of_one_process_and_resumes_its_checkpoint(tmp_path, still_base):
+    """Full fine-tuning of the bridge and the LLM (the vision encoder's units stay frozen); a one-process
+    checkpoint goes on sharded over two processes, and the saved model holds whole tensors."""
+    full = ("train.method=full", 'train.parts=["bridge","llm"]', "train.lr=1e-4")
+    one_full, two = tmp_path / "one-full", tmp_path / "fsdp-full"
+    train(one_full, still_base, *full)
+    train(two, still_base, *full, "train.sharding=fsdp", gpus=2)
+    assert agree(losses(one_full), losses(two)), (losses(one_full), losses(two))
+    same_layout(one_full / "checkpoints/step-2", two / "checkpoints/step-2")
+    model = "model/model.safetensors"
+    assert same_weights(load_file(one_full / model), load_file(two / model))
+
+    cut = tmp_path / "cut-full"  # the one-process checkpoint resumed on two sharded processes
+    shutil.copytree(one_full, cut, ignore=shutil.ignore_patterns("model", "results.json", "report.md", ".lock"))
+    train(cut, still_base, *full, "train.sharding=fsdp", "--resume", gpus=2)
+    assert agree(losses(one_full), losses(cut)), (losses(one_full), losses(cut))
+    assert same_weights(load_file(cut / model), load_file(one_full / model))
