@@ -45,6 +45,7 @@ class Ranks:
         self.accelerator = None
         self.manual = manual and self.world > 1  # gradients averaged by average_grads, not by DDP hooks
         self.sharded = sharding == "fsdp" and self.world > 1  # FSDP2 units instead of DDP (see shard())
+        self.units = 0  # FSDP units, once wrapped
         if self.world > 1:
             from accelerate import Accelerator
             from accelerate.utils import DistributedDataParallelKwargs
@@ -79,7 +80,9 @@ class Ranks:
         if self.accelerator is None:
             return module
         if self.sharded:
-            return shard(module, self.device, self.world)
+            module = shard(module, self.device, self.world)
+            self.units = len(fsdp_units(module))
+            return module
         if self.manual:
             for p in module.parameters():
                 if p.requires_grad:

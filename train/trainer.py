@@ -144,6 +144,8 @@ class Trainer:
         self.forward = self.ranks.wrap(LossForward(self.vlm, self.soft_prompt))  # DDP on several processes
         if r.train.sharding == "fsdp" and self.ranks.world == 1 and not self.evaluate_only:
             self.console.print("train.sharding = fsdp on one process: nothing to shard; the model trains whole")
+        elif self.ranks.sharded:
+            self.console.print(f"train.sharding = fsdp: {self.ranks.units} FSDP units over {self.ranks.world} processes")
         self._setup_optimizer()
         self.loss_vocab = self._target_vocab() if r.train.loss_vocab == "targets" and self.train_records else None
         self.graphs = self._graphs()
