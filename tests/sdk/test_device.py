@@ -247,3 +247,19 @@ def test_cuda_backends_answer_as_on_the_cpu(bundle, two_runs, sample_image):  # 
             cpu.ask(sample_image, "how many circles?", adapter).tokens
     torch_gpu = Agent.load(two_runs, device="cuda")
     assert torch_gpu.backend.dtype == torch.bfloat16 and torch_gpu.ask(sample_image, "Describe it.").text
+
+
+def test_llama_cpp_threads_follow_where_the_layers_are(monkeypatch):
+    """On the CPU a thread per 256 MB of weights (a tiny model decodes fastest on one); with the layers on
+    the GPU half the CPUs, as llama-cpp-python's Llama takes (a thread on every CPU slowed the GPU decode);
+    MMAGENT_THREADS overrides both, and a bad value is named."""
+    from mmagent.backends import llama_cpp as backend
+    monkeypatch.delenv("MMAGENT_THREADS", raising=False)
+    monkeypatch.setattr(backend, "_usable_cpus", lambda: 16)
+    assert backend.default_threads(16 << 20) == 1 and backend.default_threads(13 << 30) == 16
+    assert backend.default_threads(13 << 30, offloaded=True) == backend.default_threads(16 << 20, offloaded=True) == 8
+    monkeypatch.setenv("MMAGENT_THREADS", "3")
+    assert backend.default_threads(13 << 30, offloaded=True) == 3
+    monkeypatch.setenv("MMAGENT_THREADS", "many")
+    with pytest.raises(ValueError, match="MMAGENT_THREADS"):
+        backend.default_threads(1)
