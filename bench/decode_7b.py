@@ -15,7 +15,8 @@ reads one row; LoRA weights included).
     python bench/decode_7b.py llama --work DIR --out llama.json
         quantises DIR/llm.f16.gguf to q4_k_m (llama.cpp); for f16 and q4_k_m with the LoRA: the SDK's
         llama.cpp runtime (LlamaCppLM, what the edge backend decodes with) against llama-cpp-python's plain
-        `Llama` on the same file, all layers on the GPU (LLAMA_CPP_LIB_PATH: a CUDA build)
+        `Llama` on the same file, all layers on the GPU (LLAMA_CPP_LIB_PATH: a CUDA build); and the SDK with
+        a thread on every CPU (its default before afe5fd7)
 """
 from __future__ import annotations
 
@@ -219,10 +220,10 @@ def gguf_bytes(path: Path, skip=("token_embd.weight",)) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name not in skip)
 
 
-def sdk_decode(path: Path, lora: Path, prompt: list[int]) -> float:
+def sdk_decode(path: Path, lora: Path, prompt: list[int], threads: int | None = None) -> float:
     from mmagent.backends.llama_cpp import LlamaCppLM
     rates = []
-    with LlamaCppLM(path, n_ctx=512, n_gpu_layers=-1 if DEVICE == "cuda" else 0) as lm:
+    with LlamaCppLM(path, n_ctx=512, n_threads=threads, n_gpu_layers=-1 if DEVICE == "cuda" else 0) as lm:
         lm.load_adapter("task", lora)
         lm.set_adapter("task")
         for _ in range(REPEATS + 1):
@@ -263,7 +264,8 @@ def run_llama(work: Path) -> dict:
         path = work / f"llm.{q}.gguf"
         bound = bw / (gguf_bytes(path) + gguf_bytes(lora, ()))
         row = {"GB_per_token": round((gguf_bytes(path) + gguf_bytes(lora, ())) / 1e9, 3), "bound_tok_s": bound}
-        for name, fn in (("sdk", sdk_decode), ("plain_llama", plain_decode)):
+        every_cpu = lambda *a: sdk_decode(*a, threads=len(os.sched_getaffinity(0)))  # noqa: E731 - the old default
+        for name, fn in (("sdk", sdk_decode), ("plain_llama", plain_decode), ("sdk_every_cpu", every_cpu)):
             try:
                 row[f"{name}_tok_s"] = fn(path, lora, prompt)
                 row[f"{name}_of_bound"] = row[f"{name}_tok_s"] / bound

@@ -24,7 +24,7 @@ cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_L
   -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
-cmake --build "$build" -j"$(nproc)" --target llama
+cmake --build "$build" -j"${MM_BUILD_JOBS:-$(nproc)}" --target llama  # fewer jobs: leave CPUs to a run beside it
 ls -la "$build"/bin
 command -v nm > /dev/null || { echo "no nm: exported libstdc++ symbols not checked"; exit 0; }
 leaks=0

@@ -10,6 +10,8 @@
 #                                    provider: the edge backend on CUDA, and `mmagent check --device cuda`
 #   bash bench/gpu_kernels.sh torch7b (carry .cuda, or after `one`)  the torch backend's 7B decode: graphs with
 #                                    fused projections against unfused, and over compiled steps (MM_7B_COMPILE)
+#   bash bench/gpu_kernels.sh build  (carry .cuda)      only build llama.cpp CUDA (in the background of another run)
+#   bash bench/gpu_kernels.sh llama7b                   after `build`: the 7B GGUF, SDK against plain Llama
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
 #                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.
@@ -111,6 +113,17 @@ torch7b)  # after `one` (or alone): the torch backend's 7B decode, fused project
   MM_7B_GGUF=0 MM_7B_HF=${MM_7B_HF:-0} MM_7B_COMPILE=${MM_7B_COMPILE:-default} \
     step 7b_torch_fused timeout 300 python3 bench/decode_7b.py torch --work "$W"/7b_torch --out "$res"/7b_torch_fused.json
   ;;
+build)  # llama.cpp's CUDA libraries alone, e.g. in the background of another run (setsid: it outlives the call)
+  mkdir -p "$W"/src "$W"/site "$W"/cache
+  tar xzf .cuda/llama-src.tar.gz -C "$W"/src && tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
+  nice -n 19 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc
+  ;;
+llama7b)  # after `build` (waits for it): our 7B GGUF through the SDK against plain Llama, on the GPU
+  while [ ! -f "$W"/build.rc ]; do sleep 5; done
+  echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
+  [ -f "$W"/7b/lora.gguf ] || step 7b_write timeout 200 python3 bench/decode_7b.py write --work "$W"/7b --out "$res"/7b_write.json
+  step 7b_llama timeout 300 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
+  ;;
 ort)  # on its own, no llama.cpp (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort): the vision graph on CUDA
   rm -rf "$W"/site "$W"/tiny && mkdir -p "$W"/site "$W"/cache
   tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
@@ -127,5 +140,5 @@ from pathlib import Path; from mmagent.export.bundle import export_bundle; w = P
 export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
   step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|ort|ort2"; exit 2 ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|llama7b|ort|ort2"; exit 2 ;;
 esac
