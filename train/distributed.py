@@ -142,6 +142,7 @@ class Ranks:
             unit.reshard()
             if unit is not root:
                 unit.set_reshard_after_forward(True, recurse=False)
+        forget_forwards(root)
 
     def full_model_state(self, root: torch.nn.Module, trained_only: bool) -> dict | None:
         """FSDP: the model's full (unsharded) tensors on rank 0's CPU, named as in the unsharded model
@@ -194,6 +195,22 @@ def shard(root: torch.nn.Module, device: torch.device, world: int) -> torch.nn.M
 def fsdp_units(root: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
     return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
+def forget_forwards(root) -> None:
+    """Rank 0's forwards alone (evaluation) made FSDP record the order of forwards, from which a backward
+    prefetches: forget it on every rank, so that the next step's all-gathers are the same on all (a step after
+    a mid-training evaluation hung without this). torch 2.13 has this as reset_iter_state; 2.11 (the GPU image)
+    does not, so its fields are cleared by hand there."""
+    if hasattr(root, "reset_iter_state"):
+        root.reset_iter_state()
+        return
+    state = root._get_fsdp_state()
+    state._comm_ctx.post_forward_order.clear()
+    for s in state._state_ctx.all_states:
+        for group in s._fsdp_param_groups:
+            group._post_forward_indices.clear()
+    state._state_ctx.iter_forward_root = None
 
 
 def unwrapped_name(fqn: str) -> str:

@@ -172,10 +172,11 @@ def close_in_bf16(x: dict, y: dict, lr: float, steps: int = 4) -> bool:
 @pytest.mark.slow
 def test_fsdp_on_two_processes_trains_the_lora_steps_of_one_and_resumes_on_one(tmp_path, still_base, one):
     two = tmp_path / "fsdp"
-    out = train(two, still_base, "train.sharding=fsdp", gpus=2)
+    out = train(two, still_base, "train.sharding=fsdp", "train.eval_every=2", gpus=2)  # rank 0 evaluates alone
     # units: the tiny base's 4 LLM layers, 2 vision layers, the Q-Former whole, the root
     assert out.count("run directory:") == 1 and "8 FSDP units over 2 processes" in out, out[-3000:]
     assert agree(losses(one), losses(two)), (losses(one), losses(two))
+    assert [m["step"] for m in read_metrics(two / "metrics.jsonl") if "eval" in m] == [2, 4]
     same_layout(one / "checkpoints/step-2", two / "checkpoints/step-2")
     assert same_weights(load_file(one / "checkpoints/step-2/trainable.safetensors"),
                         load_file(two / "checkpoints/step-2/trainable.safetensors"))
@@ -224,3 +225,11 @@ def test_fsdp_units_of_frozen_bf16_and_trained_fp32_weights_train_the_steps_of_o
     assert {v.dtype for v in weights.values()} == {torch.float32}
     adapter = "adapters/vqa/adapter_model.safetensors"
     assert close_in_bf16(load_file(one_bf16 / adapter), load_file(two / adapter), lr=1e-4)
+
+
+def test_fsdp_is_refused_with_cuda_graphs_naming_the_fix():
+    from mmagent.train.recipe import RecipeError, load_recipe
+    with pytest.raises(RecipeError, match="train.cuda_graphs = false"):
+        load_recipe(ROOT / "recipes/vqa.toml", ["train.sharding=\"fsdp\"", "train.cuda_graphs=true"])
+    with pytest.raises(RecipeError, match="expected none or fsdp"):
+        load_recipe(ROOT / "recipes/vqa.toml", ["train.sharding=\"zero3\""])
