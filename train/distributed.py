@@ -161,7 +161,8 @@ class Ranks:
 
 def shard_units(vlm) -> list[torch.nn.Module]:
     """FSDP units of a VLM: each layer of the vision encoder and of the LLM (the entries of the outermost
-    ModuleLists under each part), the bridge whole (Q-Former or projector: small beside them)."""
+    ModuleLists under each part: a T5's encoder and decoder blocks alike), the bridge whole (Q-Former or
+    projector: small beside them)."""
     base, parts = vlm.base_model, vlm.family.parts
     units = [base.get_submodule(parts.bridge)]
     for prefix in (parts.vision, parts.llm):
@@ -181,10 +182,6 @@ def shard(root: torch.nn.Module, device: torch.device, world: int) -> torch.nn.M
     then the root with all else (embeddings, final norm, head, projection, query tokens, soft prompt)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    if root.vlm.seq2seq:
-        raise ValueError("`train.sharding = \"fsdp\"` supports decoder-only LLMs; this base's LLM is an "
-                         "encoder-decoder (Flan-T5), whose sharded training is untested: set train.sharding = "
-                         "\"none\" (DDP) for it")
     mesh = init_device_mesh(device.type, (world,))
     for unit in shard_units(root.vlm):
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)

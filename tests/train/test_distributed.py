@@ -233,3 +233,29 @@ def test_fsdp_is_refused_with_cuda_graphs_naming_the_fix():
         load_recipe(ROOT / "recipes/vqa.toml", ["train.sharding=\"fsdp\"", "train.cuda_graphs=true"])
     with pytest.raises(RecipeError, match="expected none or fsdp"):
         load_recipe(ROOT / "recipes/vqa.toml", ["train.sharding=\"zero3\""])
+
+
+@pytest.fixture(scope="module")
+def still_t5(tmp_path_factory):
+    """BLIP-2 + a tiny Flan-T5 (an encoder-decoder LLM) with every dropout off."""
+    from tiny_checkpoints import blip2_t5
+    base = blip2_t5(tmp_path_factory.mktemp("t5") / "blip2-flan-t5-tiny")
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["text_config"]["dropout_rate"] = 0.0
+    cfg["qformer_config"]["hidden_dropout_prob"] = cfg["qformer_config"]["attention_probs_dropout_prob"] = 0.0
+    cfg["vision_config"]["attention_dropout"] = 0.0
+    (base / "config.json").write_text(json.dumps(cfg))
+    return base
+
+
+@pytest.mark.slow
+def test_fsdp_shards_an_encoder_decoder_llm_and_trains_the_steps_of_one_process(tmp_path, still_t5):
+    """Flan-T5's encoder and decoder blocks are units too; the seq2seq loss trains as on one process."""
+    one_t5, two = tmp_path / "one-t5", tmp_path / "fsdp-t5"
+    t5 = ("train.steps=3", "train.checkpoint_every=0", 'lora.llm=["preset"]')  # T5's q, v
+    train(one_t5, still_t5, *t5)
+    out = train(two, still_t5, *t5, "train.sharding=fsdp", gpus=2)
+    assert "8 FSDP units over 2 processes" in out, out[-3000:]  # 2 + 2 T5 blocks, 2 ViT layers, Q-Former, root
+    assert agree(losses(one_t5), losses(two)), (losses(one_t5), losses(two))
+    adapter = "adapters/vqa/adapter_model.safetensors"
+    assert same_weights(load_file(one_t5 / adapter), load_file(two / adapter))
