@@ -52,7 +52,7 @@ scale)
       "$work/mix_$m" "${mix[@]}" "$([ $m = graphs ] && echo "$g" || echo train.cuda_graphs=false)"
     cp "$work/mix_$m/metrics.jsonl" "$out/metrics_mix_$m.jsonl" 2>/dev/null
   done
-  if python3 -c "from mmagent.train.recipe import TrainSection as T; assert 'sharding' in T.__dataclass_fields__" 2>/dev/null; then
+  if [ -z "${MM_NO_FSDP:-}" ] && python3 -c "from mmagent.train.recipe import TrainSection as T; assert 'sharding' in T.__dataclass_fields__" 2>/dev/null; then
     fsdp=(train.steps=8 train.lr=1e-5 train.warmup_steps=2 train.checkpoint_every=0 train.method=full
           train.precision=bf16-true train.sharding=fsdp train.batch_size=8)
     logged fsdp 150 python3 "${launch[@]}" "${run[@]}" "$work/fsdp" "${fsdp[@]}"

@@ -602,7 +602,11 @@ class Trainer:
         sp = self.soft_prompt() if (self.soft_prompt is not None and with_adapter) else None
         bare = not with_adapter and hasattr(self.vlm.model, "disable_adapter")
         eager = torch.compiler.set_stance("force_eager") if self.recipe.train.compile else nullcontext()
-        with torch.random.fork_rng(devices=[]), (self.vlm.model.disable_adapter() if bare else nullcontext()), eager:
+        # bf16: frozen parts in bf16 feed trained ones in fp32 (full fine-tuning of some parts); autocast joins
+        # them, as in training (LoRA layers cast their own inputs)
+        mixed = self.autocast() if self.precision == "bf16" else nullcontext()
+        with torch.random.fork_rng(devices=[]), (self.vlm.model.disable_adapter() if bare else nullcontext()), \
+                eager, mixed:
             self.vlm.model.eval()
             result = evaluate_tasks(self.vlm, self.recipe.tasks, self.eval_records[split], sp,
                                     self.recipe.train.max_new_tokens, self.device, self.recipe.data.max_pixels,

@@ -152,3 +152,20 @@ def test_cli_output_is_ours_unless_verbose(tmp_path, micro_base, mmagent_cache, 
     assert "held-out scores" in text and "VQA acc" in text
     noise = ("Loading weights" in text) or ("FutureWarning" in text)
     assert noise == verbose, text[-3000:]
+
+
+def test_full_fine_tuning_in_bf16_evaluates(tmp_path):
+    """precision bf16 with some parts fully trained: frozen bf16 parts (the ViT) feed trained fp32 ones (the
+    Q-Former); evaluation joins them under autocast as training does, instead of failing on the dtypes."""
+    from tiny_checkpoints import RECIPE, instructblip
+    from mmagent.train.recipe import load_recipe
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(name="vqa", out=tmp_path / "run", base=instructblip(tmp_path / "base")))
+    trainer = Trainer(load_recipe(recipe, ["train.method=full", "train.precision=bf16", 'train.parts=["bridge"]']))
+    trainer.setup()
+    try:
+        assert {p.dtype for p in trainer.params.values()} == {torch.float32}
+        assert next(trainer.vlm.model.vision_model.parameters()).dtype == torch.bfloat16
+        assert "vqa_accuracy" in trainer.evaluate()["vqa"]
+    finally:
+        trainer.close()
