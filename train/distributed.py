@@ -28,6 +28,7 @@ What keeps a run the same on any number of processes:
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import subprocess
@@ -54,6 +55,9 @@ class Ranks:
             ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=find_unused)
             # no GPU: gloo on CPU processes (what CI tests the distributed logic with)
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+            # the process group ends before the interpreter's teardown, which otherwise frees NCCL/gloo state
+            # in any order (a rank aborted once at exit after writing everything)
+            atexit.register(end_process_group)
             self.rank, self.device = self.accelerator.process_index, self.accelerator.device
         else:
             self.rank = 0
@@ -237,6 +241,11 @@ def launch(gpus: int, argv: list[str]) -> int:
            "--main_process_port", str(free_port()), "-m", "mmagent", *argv]
     print("launching: " + shlex.join(cmd[2:]), flush=True)
     return subprocess.call(cmd)
+
+
+def end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
