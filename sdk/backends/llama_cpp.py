@@ -152,9 +152,9 @@ def _usable_cpus() -> int:
 def default_threads(model_bytes: int, offloaded: bool = False) -> int:
     """MMAGENT_THREADS wins; else one thread per 256 MB of weights, up to the usable CPUs. llama.cpp's
     threads spin-wait on each other: for the 16 MB default model one thread decodes 1.8x faster than two.
-    Layers on the GPU (`offloaded`): half the usable CPUs, as llama-cpp-python's `Llama` takes. The CPU then
-    only looks up token embeddings, and a spinning thread on every CPU competes with the Python thread that
-    launches each step: with 16 threads on a 16-CPU H200 host our decode of a 7B ran 8-12% behind `Llama`'s."""
+    Layers on the GPU (`offloaded`): half the usable CPUs, as llama-cpp-python's `Llama` takes; the CPU then
+    only looks up token embeddings. (On a 32-CPU H200 host a 7B decoded as fast with 16 threads as with 32:
+    the threads were not why our decode ran 8-10% behind `Llama`'s; docs/BENCHMARKS.md.)"""
     if os.environ.get("MMAGENT_THREADS"):
         value = os.environ["MMAGENT_THREADS"]
         if not value.isdigit():

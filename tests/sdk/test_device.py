@@ -251,7 +251,7 @@ def test_cuda_backends_answer_as_on_the_cpu(bundle, two_runs, sample_image):  # 
 
 def test_llama_cpp_threads_follow_where_the_layers_are(monkeypatch):
     """On the CPU a thread per 256 MB of weights (a tiny model decodes fastest on one); with the layers on
-    the GPU half the CPUs, as llama-cpp-python's Llama takes (a thread on every CPU slowed the GPU decode);
+    the GPU half the CPUs, as llama-cpp-python's Llama takes;
     MMAGENT_THREADS overrides both, and a bad value is named."""
     from mmagent.backends import llama_cpp as backend
     monkeypatch.delenv("MMAGENT_THREADS", raising=False)
