@@ -364,6 +364,10 @@ def semantic_problems(r: Recipe) -> list[str]:
                  "FSDP's per-layer all-gathers and reduce-scatters; graphs on several processes average whole "
                  "gradients by hand): set train.cuda_graphs = false, or train.sharding = \"none\" if the model "
                  "fits one card")
+    if t.compile and t.cuda_graphs:
+        p.append("`train.compile`: cannot run with train.cuda_graphs = true (compiled dropout draws random offsets "
+                 "that our graph capture does not record: 'Offset increment outside graph capture' on an H200); "
+                 "set one of them false (cuda_graphs with train.fused_ops is the faster pair, docs/BENCHMARKS.md)")
     if t.method not in ("lora", "full"):
         p.append(f"`train.method`: expected lora or full, got {t.method!r}")
     for part in t.parts:

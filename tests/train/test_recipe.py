@@ -95,3 +95,10 @@ def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
     with pytest.raises(RecipeError, match=r"(?s)latin1.toml.*not UTF-8 text: byte 0xe9 at line 2.*save the file as "
                                           r"UTF-8"):
         load_recipe(bad)
+
+
+def test_compile_with_cuda_graphs_is_refused_naming_the_faster_pair():
+    with pytest.raises(RecipeError, match="cuda_graphs with train.fused_ops"):
+        load_recipe(ROOT / "recipes/vqa.toml", ["train.compile=true", "train.cuda_graphs=true"])
+    for alone in ("train.compile=true", "train.cuda_graphs=true"):
+        load_recipe(ROOT / "recipes/vqa.toml", [alone])  # each on its own is fine
