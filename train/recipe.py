@@ -123,7 +123,8 @@ class TrainSection:
                                 "micro-batches and GPU shares, so short examples are not padded to long ones", True)
     cuda_graphs: bool = doc("replay each micro-batch's forward and backward as one CUDA graph (captured once per "
                             "batch shape; sequences padded to a multiple of 32): the host no longer launches "
-                            "thousands of kernels one by one. CUDA, one process, decoder-only LLMs; else ignored", False)
+                            "thousands of kernels one by one. CUDA and decoder-only LLMs, else ignored; on several processes the "
+                            "gradients are averaged after the replays. Not with train.compile", False)
     fused_ops: bool = doc("the LLM's RMSNorm through torch's fused kernel, its rotary embedding and SwiGLU "
                           "compiled into one kernel each (CUDA)", False)
     sharding: str = doc("none (every process holds the whole model: DDP) | fsdp (weights, gradients and optimizer "
