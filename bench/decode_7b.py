@@ -16,7 +16,7 @@ reads one row; LoRA weights included).
         quantises DIR/llm.f16.gguf to q4_k_m (llama.cpp); for f16 and q4_k_m with the LoRA: the SDK's
         llama.cpp runtime (LlamaCppLM, what the edge backend decodes with) against llama-cpp-python's plain
         `Llama` on the same file, all layers on the GPU (LLAMA_CPP_LIB_PATH: a CUDA build); and the SDK with
-        a thread on every CPU (its default before afe5fd7)
+        one setting at a time made as `Llama` makes it (flash attention off, no mmap, extra buffer types on)
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import json
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +221,10 @@ def gguf_bytes(path: Path, skip=("token_embd.weight",)) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if t.name not in skip)
 
 
-def sdk_decode(path: Path, lora: Path, prompt: list[int], threads: int | None = None) -> float:
+def sdk_decode(path: Path, lora: Path, prompt: list[int], threads: int | None = None, **kw) -> float:
     from mmagent.backends.llama_cpp import LlamaCppLM
     rates = []
-    with LlamaCppLM(path, n_ctx=512, n_threads=threads, n_gpu_layers=-1 if DEVICE == "cuda" else 0) as lm:
+    with LlamaCppLM(path, n_ctx=512, n_threads=threads, n_gpu_layers=-1 if DEVICE == "cuda" else 0, **kw) as lm:
         lm.load_adapter("task", lora)
         lm.set_adapter("task")
         for _ in range(REPEATS + 1):
@@ -231,6 +232,41 @@ def sdk_decode(path: Path, lora: Path, prompt: list[int], threads: int | None = 
             lm.generate([prompt], N_DECODE, lambda t: stamps.append(time.perf_counter()), stop_at_eos=False)
             rates.append(rate(stamps))
     return statistics.median(rates[1:])
+
+
+@contextmanager
+def as_plain_llama(setting: str):
+    """The SDK with one llama.cpp setting made as plain `Llama` makes it (the SDK's 8-12% gap on an H200):
+    flash attention disabled rather than llama.cpp's auto, or the GGUF read without mmap (`Llama` reads it so
+    when given a LoRA)."""
+    import llama_cpp
+    from mmagent.backends.llama_cpp import LlamaCppLM
+    context, model = LlamaCppLM._context_params, llama_cpp.llama_model_default_params
+
+    def context_params(n_ctx, n_threads):
+        params = context(n_ctx, n_threads)
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        return params
+
+    def model_params():
+        params = model()
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+        return params
+    if setting == "flash_attn_off":
+        LlamaCppLM._context_params = staticmethod(context_params)
+    elif setting == "no_mmap":
+        llama_cpp.llama_model_default_params = model_params
+    try:
+        yield
+    finally:
+        LlamaCppLM._context_params, llama_cpp.llama_model_default_params = staticmethod(context), model
+
+
+def sdk_as_plain(setting: str):
+    def decode(*args):
+        with as_plain_llama(setting):
+            return sdk_decode(*args, **({"extra_buffer_types": True} if setting == "extra_bufts" else {}))
+    return decode
 
 
 def plain_decode(path: Path, lora: Path, prompt: list[int]) -> float:
@@ -264,8 +300,8 @@ def run_llama(work: Path) -> dict:
         path = work / f"llm.{q}.gguf"
         bound = bw / (gguf_bytes(path) + gguf_bytes(lora, ()))
         row = {"GB_per_token": round((gguf_bytes(path) + gguf_bytes(lora, ())) / 1e9, 3), "bound_tok_s": bound}
-        every_cpu = lambda *a: sdk_decode(*a, threads=len(os.sched_getaffinity(0)))  # noqa: E731 - the old default
-        for name, fn in (("sdk", sdk_decode), ("plain_llama", plain_decode), ("sdk_every_cpu", every_cpu)):
+        variants = [(f"sdk_{v}", sdk_as_plain(v)) for v in ("flash_attn_off", "no_mmap", "extra_bufts")]
+        for name, fn in (("sdk", sdk_decode), ("plain_llama", plain_decode), *variants):
             try:
                 row[f"{name}_tok_s"] = fn(path, lora, prompt)
                 row[f"{name}_of_bound"] = row[f"{name}_tok_s"] / bound

@@ -12,6 +12,8 @@
 #                                    fused projections against unfused, and over compiled steps (MM_7B_COMPILE)
 #   bash bench/gpu_kernels.sh build  (carry .cuda)      only build llama.cpp CUDA (in the background of another run)
 #   bash bench/gpu_kernels.sh llama7b                   after `build`: the 7B GGUF, SDK against plain Llama
+#   bash bench/gpu_kernels.sh keep                      after a build: the libraries back in pieces, to put in
+#                                    .cuda-build/ (git-ignored) so that the next `build` (carry it) skips compiling
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
 #                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.
@@ -113,10 +115,24 @@ torch7b)  # after `one` (or alone): the torch backend's 7B decode, fused project
   MM_7B_GGUF=0 MM_7B_HF=${MM_7B_HF:-0} MM_7B_COMPILE=${MM_7B_COMPILE:-default} \
     step 7b_torch_fused timeout 300 python3 bench/decode_7b.py torch --work "$W"/7b_torch --out "$res"/7b_torch_fused.json
   ;;
-build)  # llama.cpp's CUDA libraries alone, e.g. in the background of another run (setsid: it outlives the call)
-  mkdir -p "$W"/src "$W"/site "$W"/cache
-  tar xzf .cuda/llama-src.tar.gz -C "$W"/src && tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
-  nice -n 19 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc
+build)  # llama.cpp's CUDA libraries alone, e.g. in the background of another run (setsid: it outlives the call);
+        # from .cuda-build/ when an earlier `keep` brought them back (carry .cuda-build), else built (4-5 min)
+  mkdir -p "$W"/src "$W"/site "$W"/cache "$W"/build/bin
+  tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
+  if ls .cuda-build/libs.tar.xz.* > /dev/null 2>&1; then
+    cat .cuda-build/libs.tar.xz.* | python3 -c "import lzma, sys, tarfile
+tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall(sys.argv[1])" "$W"/build/bin
+    echo $? > "$W"/build.rc; echo "libraries from .cuda-build: $(ls "$W"/build/bin)" > "$res"/build.log
+  else
+    tar xzf .cuda/llama-src.tar.gz -C "$W"/src
+    nice -n 19 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc
+  fi
+  ;;
+keep)  # after a build: its libraries back to this machine in 15 MB pieces (xz), for .cuda-build/ next time
+  python3 -c "import lzma, sys, tarfile, glob, os
+with lzma.open(sys.argv[1], 'wb', preset=6) as f, tarfile.open(fileobj=f, mode='w') as t:
+    for lib in sorted(glob.glob(sys.argv[2] + '/lib*.so*')): t.add(lib, os.path.basename(lib))" /tmp/libs.tar.xz "$W"/build/bin
+  split -b 15m -d /tmp/libs.tar.xz "$out"/libs.tar.xz. && ls -la "$out"
   ;;
 llama7b)  # after `build` (waits for it): our 7B GGUF through the SDK against plain Llama, on the GPU
   while [ ! -f "$W"/build.rc ]; do sleep 5; done
@@ -140,5 +156,5 @@ from pathlib import Path; from mmagent.export.bundle import export_bundle; w = P
 export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
   step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|llama7b|ort|ort2"; exit 2 ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|llama7b|keep|ort|ort2"; exit 2 ;;
 esac
