@@ -4,6 +4,7 @@
 #   here:       bash bench/gpu_carry.sh && cp /work/shared/bench/baseline_train_7b.py .carry/
 #   there:      MM_TREE=head bash bench/gpu_scale_7b.sh scale; MM_TREE=head bash bench/gpu_scale_7b.sh speed
 #               (kind nvidia-h200-x2, carry .carry; the base is written once, then found in /dev/shm)
+#               MM_TREE=head bash bench/gpu_scale_7b.sh fsdp    (an FSDP checkpoint of the 7B resumed on 1 GPU)
 # speed: on GPU 0, the baseline (its own run(), B16·T512) and ours with CUDA graphs and fused_ops
 #        (RMSNorm, rotary, now SwiGLU), same card, same call.
 # scale: one global batch of 32·T128+32 (16 a GPU) with CUDA graphs + fused_ops: 1 GPU (micro-batch 16,
@@ -59,7 +60,23 @@ scale)
     cp "$work/fsdp/metrics.jsonl" "$out/metrics_fsdp.jsonl" 2>/dev/null
   fi
   ;;
-*) echo "usage: bash bench/gpu_scale_7b.sh speed|scale"; exit 2 ;;
+fsdp)  # not run yet: a 7B full fine-tuning checkpoint written under FSDP (gathered whole on rank 0, about 47 GB
+       # of host memory) and resumed on one GPU with the same step split in two (about 74 GiB there)
+  k=(train.steps=10 train.lr=1e-5 train.warmup_steps=2 train.checkpoint_every=5 train.method=full
+     train.precision=bf16-true train.sharding=fsdp)
+  launch=(-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
+          --dynamo_backend no)
+  rm -rf "$work/fsdp2"
+  timeout 300 python3 "${launch[@]}" bench/train_7b.py steps "$work/base" "$work/d128" "$work/fsdp2" "${k[@]}" \
+    train.batch_size=8 2>&1 | filter | grep -E '^\{|FSDP units|Error' | tee "$out/fsdp2.log"
+  cp "$work/fsdp2/metrics.jsonl" "$out/metrics_fsdp2.jsonl"; ls -l "$work/fsdp2/checkpoints/step-5" | tee -a "$out/fsdp2.log"
+  rm -rf "$work/fsdp2/checkpoints/step-10"
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 bench/train_7b.py steps "$work/base" "$work/d128" "$work/fsdp2" --resume \
+    "${k[@]}" train.batch_size=4 train.grad_accum=2 2>&1 | filter | grep -E '^\{|resumed|nothing to shard|Error' \
+    | tee -a "$out/fsdp2.log"
+  cp "$work/fsdp2/metrics.jsonl" "$out/metrics_fsdp2_resumed.jsonl"
+  ;;
+*) echo "usage: bash bench/gpu_scale_7b.sh speed|scale|fsdp"; exit 2 ;;
 esac
 python3 bench/train_7b_report.py "$out" | tee "$out/summary.md"
 echo "total: $(( $(date +%s) - t0 )) s"
