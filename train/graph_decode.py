@@ -52,6 +52,11 @@ class _Step:
         self.captured = False  # capture tried (a failed capture leaves graph None: eager steps)
 
 
+class FusedOrderError(RuntimeError):
+    """A fused projection was called with another input than the first of its group: this model's layers
+    call their projections in another order than LLaMA's, so the shared product would be wrong."""
+
+
 class ProjectionGroup:
     """Linear layers that read one input, in call order (LLaMA's q, k, v; gate, up): the first computes all
     of their outputs in one product and each returns its slice. Their weights become views into one
@@ -102,7 +107,7 @@ class ProjectionGroup:
             if index == 0:
                 self.input, self.output = x, torch.nn.functional.linear(x, self.weight, self.bias)
             elif x is not self.input:  # another call order than the one fused: never a wrong slice
-                raise RuntimeError("fused projections called out of order; set MMAGENT_FUSE_PROJECTIONS=0")
+                raise FusedOrderError("fused projections called out of order")
             return self.output[..., start:end]
         return forward
 
@@ -250,8 +255,16 @@ class GraphDecoder:
     def generate(self, embeds: torch.Tensor, max_new_tokens: int, on_token=None, stop_at_eos: bool = True) -> list[int]:
         """Greedy tokens after the prompt `embeds` (1, n, H), as VLM.generate: the end token is not returned;
         `on_token(step, [token])` returning True stops; `stop_at_eos=False` decodes exactly max_new_tokens."""
-        with torch.no_grad(), self._fused():
-            return self._generate(embeds, max_new_tokens, on_token, stop_at_eos)
+        try:
+            with torch.no_grad(), self._fused():
+                return self._generate(embeds, max_new_tokens, on_token, stop_at_eos)
+        except FusedOrderError:  # no token was handed out yet: the first step raises
+            logging.getLogger("mmagent").warning("this model calls its projections in another order than LLaMA's: "
+                                                 "decoding without fusing them")
+            self.fuse = False
+            self.clear()
+            with torch.no_grad():
+                return self._generate(embeds, max_new_tokens, on_token, stop_at_eos)
 
     def _generate(self, embeds: torch.Tensor, max_new_tokens: int, on_token, stop_at_eos: bool) -> list[int]:
         if embeds.shape[0] != 1:

@@ -177,7 +177,7 @@ def test_fused_projections_decode_as_the_separate_ones_with_a_lora_active():
     views into one tensor (no copy), and a call order other than the fused one is refused, not sliced."""
     from peft import LoraConfig, get_peft_model
     from mmagent.train.builtin import init_base
-    from mmagent.train.graph_decode import ProjectionGroup
+    from mmagent.train.graph_decode import FusedOrderError, ProjectionGroup
     from mmagent.train.vlm import VLM
     torch.manual_seed(0)
     model, tok, proc = init_base("tiny")
@@ -201,11 +201,29 @@ def test_fused_projections_decode_as_the_separate_ones_with_a_lora_active():
     group.enter()
     try:
         x = torch.randn(1, 1, q.in_features)
-        with pytest.raises(RuntimeError, match="MMAGENT_FUSE_PROJECTIONS"):
+        with pytest.raises(FusedOrderError):
             q(x), k(x.clone())
     finally:
         group.exit()
     assert isinstance(group, ProjectionGroup) and "forward" not in q.__dict__  # plain Linear layers again
+
+
+@pytest.mark.slow
+def test_a_model_calling_its_projections_in_another_order_decodes_unfused(monkeypatch, caplog):
+    """A layer whose projections run in another order than LLaMA's would slice a wrong product: the first
+    step notices (before any token is handed out), and the decode goes on unfused, with a warning."""
+    from mmagent.train.builtin import init_base
+    from mmagent.train.graph_decode import ProjectionGroup
+    from mmagent.train.vlm import VLM
+    torch.manual_seed(0)
+    vlm = VLM(*init_base("tiny"))
+    embeds = vlm.family.embed_tokens(vlm.base_model)(torch.randint(0, 4000, (1, 7)))
+    _, want_tokens, want_cache = _decode_cache(vlm, embeds, fuse=False)
+    monkeypatch.setattr(ProjectionGroup, "NAMES", (("self_attn", ("k_proj", "q_proj", "v_proj")),))
+    decoder, tokens, cache = _decode_cache(vlm, embeds, fuse=True)
+    assert tokens == want_tokens and not decoder.fuse and "another order" in caplog.text
+    for got, want in zip(cache, want_cache, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.slow
