@@ -38,6 +38,22 @@ from contextlib import nullcontext
 import torch
 
 
+BUCKET = 1 << 26  # elements of one flat all-reduce of gradients (256 MB of fp32)
+
+
+def buckets(tensors: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of `tensors` of at most `size` elements each (a larger tensor alone)."""
+    out: list[list[torch.Tensor]] = []
+    n = size
+    for t in tensors:
+        if n + t.numel() > size:
+            out.append([])
+            n = 0
+        out[-1].append(t)
+        n += t.numel()
+    return out
+
+
 class Ranks:
     """This process among the training processes (torchrun/accelerate environment variables)."""
 
@@ -102,19 +118,21 @@ class Ranks:
         return self.accelerator.no_sync(module)
 
     def average_grads(self, params: list[torch.Tensor]) -> None:
-        """Manual mode: every trained parameter's gradient averaged over ranks, in one all-reduce (a
-        parameter no gradient reached on this rank counts as zeros, so every rank sends the same layout)."""
+        """Manual mode: every trained parameter's gradient averaged over ranks, a few all-reduces of flat
+        buckets (a LoRA's gradients are one; full fine-tuning's are cut into BUCKET-element pieces, so the
+        flat copies never double the gradients' memory). A parameter no gradient reached on this rank counts
+        as zeros, so every rank sends the same layout."""
         if not self.manual:
             return
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         for dtype in sorted({p.grad.dtype for p in params}, key=str):
-            grads = [p.grad for p in params if p.grad.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            torch.distributed.all_reduce(flat)
-            flat /= self.world
-            torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+            for grads in buckets([p.grad for p in params if p.grad.dtype == dtype], BUCKET):
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                torch.distributed.all_reduce(flat)
+                flat /= self.world
+                torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
     def sum(self, values: list[float]) -> list[float]:
         if self.accelerator is None:

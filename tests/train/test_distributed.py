@@ -118,20 +118,33 @@ def _average_on(rank: int, port: int, result) -> None:
     import torch
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    from mmagent.train import distributed
+    distributed.BUCKET = 5  # several flat all-reduces: a (6), then never + extra (2 + 3)
     try:
         ranks = Ranks.__new__(Ranks)
         ranks.world, ranks.rank, ranks.manual = 2, rank, True
         a = torch.zeros(2, 3, requires_grad=True)
         b = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
         never = torch.zeros(2, requires_grad=True)  # no gradient reached it on rank 0
+        extra = torch.zeros(3, requires_grad=True)
+        extra.grad = torch.full_like(extra, 3.0 * rank)
         a.grad = torch.full_like(a, rank + 1.0)
         b.grad = torch.full_like(b, 2.0 * rank)
         if rank:
             never.grad = torch.full_like(never, 4.0)
-        ranks.average_grads([a, b, never])
-        result[rank] = (a.grad.tolist(), b.grad.float().tolist(), never.grad.tolist())
+        ranks.average_grads([a, b, never, extra])
+        result[rank] = (a.grad.tolist(), b.grad.float().tolist(), never.grad.tolist(), extra.grad.tolist())
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_gradient_buckets_keep_order_and_size():
+    from mmagent.train.distributed import buckets
+    import torch
+    ts = [torch.zeros(n) for n in (3, 4, 9, 1, 2)]
+    got = buckets(ts, 7)
+    assert [[t.numel() for t in b] for b in got] == [[3, 4], [9], [1, 2]]
+    assert [t for b in got for t in b] == ts and buckets([], 7) == []
 
 
 def test_gradients_averaged_by_hand_are_the_mean_over_ranks_in_every_dtype():
@@ -141,7 +154,7 @@ def test_gradients_averaged_by_hand_are_the_mean_over_ranks_in_every_dtype():
         result = manager.dict()
         mp.spawn(_average_on, args=(free_port(), result), nprocs=2)
         got = dict(result)
-    assert got[0] == got[1] == ([[1.5] * 3] * 2, [1.0] * 4, [2.0] * 2)
+    assert got[0] == got[1] == ([[1.5] * 3] * 2, [1.0] * 4, [2.0] * 2, [1.5] * 3)
 
 
 # ---- FSDP (train.sharding = "fsdp"): sharded weights, gradients and optimizer state; one checkpoint layout ----
