@@ -60,7 +60,8 @@ class FusedOrderError(RuntimeError):
 class ProjectionGroup:
     """Linear layers that read one input, in call order (LLaMA's q, k, v; gate, up): the first computes all
     of their outputs in one product and each returns its slice. Their weights become views into one
-    concatenated tensor (no copy kept); `active()` turns the shared product on around a decode."""
+    concatenated tensor (no copy kept); `enter()` / `exit()` turn the shared product on and off around a
+    decode (GraphDecoder._fused)."""
 
     NAMES = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
