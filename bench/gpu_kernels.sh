@@ -10,8 +10,11 @@
 #                                    provider: the edge backend on CUDA, and `mmagent check --device cuda`
 #   bash bench/gpu_kernels.sh torch7b (carry .cuda, or after `one`)  the torch backend's 7B decode: graphs with
 #                                    fused projections against unfused, and over compiled steps (MM_7B_COMPILE)
-#   bash bench/gpu_kernels.sh build  (carry .cuda)      only build llama.cpp CUDA (in the background of another run)
-#   bash bench/gpu_kernels.sh llama7b                   after `build`: the 7B GGUF, SDK against plain Llama
+#   bash bench/gpu_kernels.sh build  (carry .cuda)      only build llama.cpp CUDA (or unpack .cuda-build, below)
+#   bash bench/gpu_kernels.sh start  (carry .cuda)      build llama.cpp CUDA while the 7B GGUF and LoRA are written
+#   bash bench/gpu_kernels.sh llama7b                   after `start`: the 7B GGUF, the SDK against plain Llama
+#                                    and one setting at a time (decode_7b.py's LLAMA_ROWS); carry .cuda-ort to
+#                                    put onnxruntime's CUDA provider in place after it (for `smol`)
 #   bash bench/gpu_kernels.sh keep                      after a build: the libraries back in pieces, to put in
 #                                    .cuda-build/ (git-ignored) so that the next `build` (carry it) skips compiling
 #   bash bench/gpu_kernels.sh stash / smol              builtin:smol's rows, its GGUF carried in pieces over
@@ -47,6 +50,29 @@ step() {  # step NAME COMMAND...: log to $res/NAME.log, one summary line, result
   return $rc
 }
 
+ort_cuda() {  # onnxruntime's CUDA provider (carried xz-compressed in .cuda-ort/) into the carried site-packages
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
+  step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+}
+
+unpack() {  # the carried site-packages, cache and llama.cpp source (gzip and Python's lzma: the image has no zstd)
+  mkdir -p "$W"/src "$W"/site "$W"/cache "$W"/build/bin
+  [ -d "$W"/site/gguf ] || tar xzf .cuda/site.tar.gz -C "$W"/site
+  [ -d "$W"/cache/tokenizer-smollm2 ] || tar xzf .cuda/cache.tar.gz -C "$W"/cache
+  [ -d "$W"/src/vendor ] || tar xzf .cuda/llama-src.tar.gz -C "$W"/src
+}
+
+build_llama() {  # from .cuda-build/ when an earlier `keep` brought the libraries back (carry it), else built (4-5 min)
+  if ls .cuda-build/libs.tar.xz.* > /dev/null 2>&1; then
+    cat .cuda-build/libs.tar.xz.* | python3 -c "import lzma, sys, tarfile
+tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall(sys.argv[1])" "$W"/build/bin
+    echo $? > "$W"/build.rc; echo "libraries from .cuda-build: $(ls "$W"/build/bin)" > "$res"/build.log
+  else
+    nice -n 19 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc
+  fi
+}
+
 committed() {  # run COMMAND... with the last commit's mmagent (.cuda/head.tar.zst), when the tree is mid-edit
   mkdir -p "$W"/head "$W"/headshim/mmagent && tar xzf .cuda/head.tar.gz -C "$W"/head
   for f in "$W"/head/sdk/*; do ln -sf "$f" "$W/headshim/mmagent/"; done
@@ -56,12 +82,9 @@ committed() {  # run COMMAND... with the last commit's mmagent (.cuda/head.tar.z
 
 case ${1:-} in
 one)
-  mkdir -p "$W"/src "$W"/site "$W"/cache
-  tar xzf .cuda/llama-src.tar.gz -C "$W"/src  # gzip and Python's lzma: the GPU image has no zstd
-  tar xzf .cuda/site.tar.gz -C "$W"/site
-  tar xzf .cuda/cache.tar.gz -C "$W"/cache
+  unpack
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; python3 -V
-  (nice -n 10 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc) &
+  build_llama &
   # MM_7B_TORCH=0: only write the 7B GGUF and LoRA (the torch timings of an earlier run stand); MM_7B_HF=0
   # leaves out transformers' rows, MM_7B_COMPILE picks the compiled row's mode (bench/decode_7b.py)
   step 7b_torch timeout 270 python3 bench/decode_7b.py "$([ "${MM_7B_TORCH:-1}" = 0 ] && echo write || echo torch)" \
@@ -104,9 +127,7 @@ two)
     step tiny_export_committed committed env CUDA_VISIBLE_DEVICES= python3 bench/tiny_gpu.py export --work "$W"/tiny
   step tiny_torch-cuda timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row torch-cuda --out "$res"/tiny_torch-cuda.json
   step tiny_edge-cpu env CUDA_VISIBLE_DEVICES= timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cpu --out "$res"/tiny_edge-cpu.json
-  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-    .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
-  step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+  ort_cuda
   step tiny_edge-cuda timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/tiny --row edge-cuda --out "$res"/tiny_edge-cuda.json
   step check timeout 180 python3 "$pkg"/cli.py check "$W"/tiny/bundle "$W"/tiny/vqa "$W"/tiny/caption --device cuda
   ;;
@@ -117,18 +138,18 @@ torch7b)  # after `one` (or alone): the torch backend's 7B decode, fused project
   MM_7B_GGUF=0 MM_7B_HF=${MM_7B_HF:-0} MM_7B_COMPILE=${MM_7B_COMPILE:-default} \
     step 7b_torch_fused timeout 300 python3 bench/decode_7b.py torch --work "$W"/7b_torch --out "$res"/7b_torch_fused.json
   ;;
-build)  # llama.cpp's CUDA libraries alone, e.g. in the background of another run (setsid: it outlives the call);
-        # from .cuda-build/ when an earlier `keep` brought them back (carry .cuda-build), else built (4-5 min)
-  mkdir -p "$W"/src "$W"/site "$W"/cache "$W"/build/bin
-  tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
-  if ls .cuda-build/libs.tar.xz.* > /dev/null 2>&1; then
-    cat .cuda-build/libs.tar.xz.* | python3 -c "import lzma, sys, tarfile
-tarfile.open(fileobj=lzma.open(sys.stdin.buffer), mode='r|').extractall(sys.argv[1])" "$W"/build/bin
-    echo $? > "$W"/build.rc; echo "libraries from .cuda-build: $(ls "$W"/build/bin)" > "$res"/build.log
-  else
-    tar xzf .cuda/llama-src.tar.gz -C "$W"/src
-    nice -n 19 bash bench/gpu_build_llama.sh "$W"/src "$W"/build 90 > "$res"/build.log 2>&1; echo $? > "$W"/build.rc
-  fi
+build)  # llama.cpp's CUDA libraries alone (build_llama)
+  unpack && build_llama
+  ;;
+start)  # the first of the table-2 calls (carry .cuda, and .cuda-smol pieces to stash): llama.cpp's CUDA
+        # libraries built while the 7B GGUF and LoRA are written beside them
+  unpack
+  mkdir -p "$W"/stash && cp .cuda-smol/* "$W"/stash/ 2>/dev/null; ls "$W"/stash
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; python3 -V
+  build_llama &
+  step 7b_write timeout 250 python3 bench/decode_7b.py write --work "$W"/7b --out "$res"/7b_write.json
+  wait
+  echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
   ;;
 keep)  # after a build: its libraries back to this machine in 15 MB pieces (xz), for .cuda-build/ next time
   python3 -c "import lzma, sys, tarfile, glob, os
@@ -136,11 +157,12 @@ with lzma.open(sys.argv[1], 'wb', preset=6) as f, tarfile.open(fileobj=f, mode='
     for lib in sorted(glob.glob(sys.argv[2] + '/lib*.so*')): t.add(lib, os.path.basename(lib))" /tmp/libs.tar.xz "$W"/build/bin
   split -b 15m -d /tmp/libs.tar.xz "$out"/libs.tar.xz. && ls -la "$out"
   ;;
-llama7b)  # after `build` (waits for it): our 7B GGUF through the SDK against plain Llama, on the GPU
-  while [ ! -f "$W"/build.rc ]; do sleep 5; done
-  echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
-  [ -f "$W"/7b/lora.gguf ] || step 7b_write timeout 200 python3 bench/decode_7b.py write --work "$W"/7b --out "$res"/7b_write.json
-  step 7b_llama timeout 300 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
+llama7b)  # after `start` (or `build`): our 7B GGUF through the SDK against plain Llama, on the GPU (LLAMA_ROWS);
+          # with .cuda-ort carried, onnxruntime's CUDA provider is put in place after (for `smol`)
+  [ -f "$W"/build.rc ] || { echo "no llama.cpp build on this machine: run 'start' first"; exit 3; }
+  [ -f "$W"/7b/lora.gguf ] || step 7b_write timeout 250 python3 bench/decode_7b.py write --work "$W"/7b --out "$res"/7b_write.json
+  step 7b_llama timeout 480 python3 bench/decode_7b.py llama --work "$W"/7b --out "$res"/7b_llama.json
+  [ -f .cuda-ort/libonnxruntime_providers_cuda.so.xz ] && ort_cuda
   ;;
 stash)  # the pieces of .cuda-smol/ this call carried, kept on the machine for `smol` (bench/gpu_smol_carry.sh)
   mkdir -p "$W"/stash && cp .cuda-smol/* "$W"/stash/ 2>/dev/null; ls "$W"/stash
@@ -159,9 +181,7 @@ smol)  # after `one`, `two` and every piece stashed: builtin:smol's three rows o
 ort)  # on its own, no llama.cpp (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort): the vision graph on CUDA
   rm -rf "$W"/site "$W"/tiny && mkdir -p "$W"/site "$W"/cache
   tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
-  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-    .cuda-ort/libonnxruntime_providers_cuda.so.xz "$W"/site/onnxruntime/capi/libonnxruntime_providers_cuda.so
-  step ort python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+  ort_cuda
   step tiny_prepare timeout 120 python3 bench/tiny_gpu.py prepare --work "$W"/tiny
   step tiny_export_onnx env CUDA_VISIBLE_DEVICES= timeout 90 python3 bench/tiny_gpu.py export --onnx-only --work "$W"/tiny
   step vision timeout 60 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
@@ -172,5 +192,5 @@ from pathlib import Path; from mmagent.export.bundle import export_bundle; w = P
 export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
   step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|llama7b|keep|stash|smol|ort|ort2"; exit 2 ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|start|llama7b|keep|stash|smol|ort|ort2"; exit 2 ;;
 esac

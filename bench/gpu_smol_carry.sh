@@ -3,9 +3,11 @@
 # builtin:smol is built from) in four pieces of about 25 MB: more than one call carries beside .cuda/ or
 # .cuda-ort/, so the pieces travel in several calls of a held machine (bench/gpu_kernels.sh stash) and
 # `bench/gpu_kernels.sh smol` puts them together. Plan (each within 30 s of the last):
-#   MM_TREE=head bash bench/gpu_kernels.sh one; bash bench/gpu_kernels.sh stash   carry .cuda .cuda-smol/part.00 .cuda-smol/part.01 .cuda-smol/SHA256
-#   MM_TREE=head bash bench/gpu_kernels.sh two                                    carry .cuda-ort .cuda/head.tar.gz
-#   bash bench/gpu_kernels.sh stash; MM_TREE=head bash bench/gpu_kernels.sh smol  carry .cuda/head.tar.gz .cuda-smol/part.02 .cuda-smol/part.03
+#   bash bench/gpu_kernels.sh start          carry .cuda .cuda-smol/part.00 .cuda-smol/part.01 .cuda-smol/SHA256
+#   MM_TREE=head bash bench/gpu_kernels.sh llama7b                                carry .cuda-ort .cuda/head.tar.gz
+#   bash bench/gpu_kernels.sh keep; bash bench/gpu_kernels.sh stash; MM_TREE=head bash bench/gpu_kernels.sh smol
+#                                            carry .cuda/head.tar.gz .cuda-smol/part.02 .cuda-smol/part.03
+# (`start` stashes the pieces it carries; `smol` needs llama.cpp's build and onnxruntime's CUDA provider)
 set -euo pipefail
 dl=${MMAGENT_CACHE:-$HOME/.cache/mmagent}/cuda-carry
 mkdir -p "$dl"

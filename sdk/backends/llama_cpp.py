@@ -212,7 +212,11 @@ class LlamaCppLM:
     """
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, extra_buffer_types: bool | None = None):
+                 n_gpu_layers: int = 0, extra_buffer_types: bool | None = None, flash_attn: bool | None = None,
+                 mmap: bool = True):
+        """`flash_attn`: None lets llama.cpp decide (on where the backend has the kernels), True/False force it.
+        `mmap=False` reads the GGUF into memory instead of mapping it (llama-cpp-python's `Llama` does so
+        whenever it is given a LoRA)."""
         self._ctx = self._model = None
         self._adapters: dict[str, tuple] = {}  # name -> (adapter, ctypes array of it, ctypes scales)
         self._owner, self._lanes, self._guard = None, [], SharedLock()
@@ -220,6 +224,8 @@ class LlamaCppLM:
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        if not mmap:
+            model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         model_params.use_extra_bufts = (extra_buffer_types_usable() if extra_buffer_types is None
                                         else extra_buffer_types)
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(gguf_path), model_params)
@@ -227,7 +233,8 @@ class LlamaCppLM:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
         threads = self.n_threads = n_threads or default_threads(llama_cpp.llama_model_size(self._model),
                                                                 offloaded=n_gpu_layers != 0)
-        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(n_ctx, threads))
+        self.flash_attn = flash_attn
+        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(n_ctx, threads, flash_attn))
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {gguf_path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -238,10 +245,13 @@ class LlamaCppLM:
         self._n_past = 0
 
     @staticmethod
-    def _context_params(n_ctx: int, n_threads: int):
+    def _context_params(n_ctx: int, n_threads: int, flash_attn: bool | None):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = n_ctx  # one batch holds any prompt that fits the context
         params.n_threads = params.n_threads_batch = n_threads
+        if flash_attn is not None:
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         return params
 
     def lane(self) -> LlamaCppLM:
@@ -250,7 +260,8 @@ class LlamaCppLM:
         other = copy.copy(self)  # shares the model, the vocabulary, the adapter table and the guard
         other._owner, other._lanes, other._ctx, other.active_adapter, other._n_past = self, [], None, None, 0
         with self._guard.shared():
-            other._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(self.n_ctx, self.n_threads))
+            params = self._context_params(self.n_ctx, self.n_threads, self.flash_attn)
+            other._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not other._ctx:
             raise RuntimeError(f"llama.cpp could not create another context of {self.n_ctx} tokens")
         self._lanes.append(other)

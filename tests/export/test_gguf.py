@@ -176,6 +176,19 @@ def test_lora_adapter_matches_torch_and_switches(llm_gguf, lora_gguf, lora_llm, 
             lm.set_adapter("other")
 
 
+@pytest.mark.parametrize("settings", [dict(flash_attn=True), dict(flash_attn=False), dict(mmap=False)])
+def test_llama_cpp_settings_keep_the_answers(llm_gguf, lora_gguf, lora_llm, tokenizer, settings):
+    # flash attention forced either way, the GGUF read instead of mapped: the adapted model still matches
+    # torch, in the first context and in a lane (which takes the owner's settings)
+    segments = [image_rows(lora_llm, 4, seed=3), tokenizer.encode(PROMPT, add_special_tokens=False)]
+    with LlamaCppLM(llm_gguf, n_ctx=256, n_threads=1, **settings) as lm:
+        lm.load_adapter("task", lora_gguf)
+        lane = lm.lane()
+        for ctx in (lm, lane):
+            ctx.set_adapter("task")
+            assert_matches_torch(ctx, lora_llm, segments)
+
+
 def test_lora_on_the_other_targets_matches_torch(llm_gguf, llm, tokenizer, tmp_path):
     # k_proj's lora_B needs the kv-head regrouping; the MLP targets none.
     lora_llm = with_lora(llm, ["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
