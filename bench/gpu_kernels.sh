@@ -12,6 +12,7 @@
 #                                    fused projections against unfused, and over compiled steps (MM_7B_COMPILE)
 #   bash bench/gpu_kernels.sh build  (carry .cuda)      only build llama.cpp CUDA (or unpack .cuda-build, below)
 #   bash bench/gpu_kernels.sh start  (carry .cuda)      build llama.cpp CUDA while the 7B GGUF and LoRA are written
+#                                    and the tiny default trained (for `two`)
 #   bash bench/gpu_kernels.sh llama7b                   after `start`: the 7B GGUF, the SDK against plain Llama
 #                                    and one setting at a time (decode_7b.py's LLAMA_ROWS); carry .cuda-ort to
 #                                    put onnxruntime's CUDA provider in place after it (for `smol`)
@@ -148,6 +149,7 @@ start)  # the first of the table-2 calls (carry .cuda, and .cuda-smol pieces to 
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; python3 -V
   build_llama &
   step 7b_write timeout 250 python3 bench/decode_7b.py write --work "$W"/7b --out "$res"/7b_write.json
+  step tiny_prepare timeout 150 python3 bench/tiny_gpu.py prepare --work "$W"/tiny  # for `two`
   wait
   echo "== build rc=$(cat "$W"/build.rc): $(tail -2 "$res"/build.log | head -1)"
   ;;

@@ -165,6 +165,24 @@ def default_threads(model_bytes: int, offloaded: bool = False) -> int:
     return max(1, min(_usable_cpus(), 1 + model_bytes // BYTES_PER_THREAD))
 
 
+FLASH_ATTN_TYPES = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}
+
+
+def flash_attn_mode(mode: str | None = None) -> str:
+    """Flash attention for llama.cpp contexts: `mode`, else MMAGENT_LLAMA_FLASH_ATTN, else "off" (as `Llama`).
+    Off by default because llama.cpp's "auto" (on wherever the backend has kernels) decoded 9-12% slower on
+    an H200 (a 7B, f16 and q4_k_m, a few hundred positions) and ~6% slower on a CPU for the tiny default;
+    docs/BENCHMARKS.md. Long contexts may gain from "on"."""
+    source = "flash_attn"
+    if mode is None:
+        mode, source = os.environ.get("MMAGENT_LLAMA_FLASH_ATTN", "off"), "MMAGENT_LLAMA_FLASH_ATTN"
+    if mode not in FLASH_ATTN_TYPES:
+        raise ValueError(f"{source}={mode!r}: expected one of {', '.join(FLASH_ATTN_TYPES)}, "
+                         f"e.g. MMAGENT_LLAMA_FLASH_ATTN=on")
+    return mode
+
+
 class SharedLock:
     """Many holders at once, or one exclusive holder; an exclusive waiter goes before new shared ones.
 
@@ -212,12 +230,13 @@ class LlamaCppLM:
     """
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, extra_buffer_types: bool | None = None, flash_attn: bool | None = None,
+                 n_gpu_layers: int = 0, extra_buffer_types: bool | None = None, flash_attn: str | None = None,
                  mmap: bool = True):
-        """`flash_attn`: None lets llama.cpp decide (on where the backend has the kernels), True/False force it.
+        """`flash_attn`: "on", "off" or "auto" (llama.cpp decides); None: MMAGENT_LLAMA_FLASH_ATTN, else off.
         `mmap=False` reads the GGUF into memory instead of mapping it (llama-cpp-python's `Llama` does so
         whenever it is given a LoRA)."""
         self._ctx = self._model = None
+        self.flash_attn = flash_attn_mode(flash_attn)  # a bad value stops here, before the model loads
         self._adapters: dict[str, tuple] = {}  # name -> (adapter, ctypes array of it, ctypes scales)
         self._owner, self._lanes, self._guard = None, [], SharedLock()
         silence_llama_cpp()
@@ -233,8 +252,7 @@ class LlamaCppLM:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
         threads = self.n_threads = n_threads or default_threads(llama_cpp.llama_model_size(self._model),
                                                                 offloaded=n_gpu_layers != 0)
-        self.flash_attn = flash_attn
-        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(n_ctx, threads, flash_attn))
+        self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(n_ctx, threads, self.flash_attn))
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {gguf_path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -245,13 +263,11 @@ class LlamaCppLM:
         self._n_past = 0
 
     @staticmethod
-    def _context_params(n_ctx: int, n_threads: int, flash_attn: bool | None):
+    def _context_params(n_ctx: int, n_threads: int, flash_attn: str):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = n_ctx  # one batch holds any prompt that fits the context
         params.n_threads = params.n_threads_batch = n_threads
-        if flash_attn is not None:
-            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         return params
 
     def lane(self) -> LlamaCppLM:

@@ -281,3 +281,20 @@ def test_llama_cpp_threads_follow_where_the_layers_are(monkeypatch):
     monkeypatch.setenv("MMAGENT_THREADS", "many")
     with pytest.raises(ValueError, match="MMAGENT_THREADS"):
         backend.default_threads(1)
+
+
+def test_llama_cpp_flash_attention_is_off_unless_asked(monkeypatch, tmp_path):
+    """Off by default (llama.cpp's auto decoded slower, docs/BENCHMARKS.md); the argument wins over
+    MMAGENT_LLAMA_FLASH_ATTN; a bad value is named with the accepted ones, before any model loads."""
+    from mmagent.backends import llama_cpp as backend
+    monkeypatch.delenv("MMAGENT_LLAMA_FLASH_ATTN", raising=False)
+    assert backend.flash_attn_mode() == "off" and backend.flash_attn_mode("auto") == "auto"
+    monkeypatch.setenv("MMAGENT_LLAMA_FLASH_ATTN", "on")
+    assert backend.flash_attn_mode() == "on" and backend.flash_attn_mode("off") == "off"
+    path = tmp_path / "probe.gguf"
+    backend._write_probe_gguf(path)
+    with backend.LlamaCppLM(path, n_ctx=32, n_threads=1) as lm:
+        assert lm.flash_attn == "on" and lm.lane().flash_attn == "on"
+    monkeypatch.setenv("MMAGENT_LLAMA_FLASH_ATTN", "yes")
+    with pytest.raises(ValueError, match="MMAGENT_LLAMA_FLASH_ATTN='yes'.*on, off, auto"):
+        backend.LlamaCppLM(path, n_ctx=32, n_threads=1)
