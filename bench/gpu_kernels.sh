@@ -20,6 +20,8 @@
 #                                    .cuda-build/ (git-ignored) so that the next `build` (carry it) skips compiling
 #   bash bench/gpu_kernels.sh stash / smol              builtin:smol's rows, its GGUF carried in pieces over
 #                                    several calls (bench/gpu_smol_carry.sh has the plan)
+#   bash bench/gpu_kernels.sh settings                  after `build`: llama.cpp's CPU threads and flash attention,
+#                                    on the host's CPU and on the GPU (bench/llama_settings.py)
 #   bash bench/gpu_kernels.sh ort    (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort)  the vision graph
 #                                    alone on onnxruntime's CUDA provider (bench/vision_gpu.py), no llama.cpp
 # Results (json, logs) in $OUT/results.tgz; a summary on stdout.
@@ -104,7 +106,7 @@ from mmagent.backends import llama_cpp as l
 layers = int(sys.argv[1])
 print(l.system_info())
 p = pathlib.Path(tempfile.mkdtemp()) / "probe.gguf"
-l._write_probe_gguf(p)
+l.write_random_gguf(p)
 with l.LlamaCppLM(p, n_ctx=32, n_threads=4, n_gpu_layers=layers, extra_buffer_types=False) as lm:
     print("n_gpu_layers", layers, lm.next_token_logits([list(range(8))])[:3])
 PY
@@ -180,6 +182,10 @@ smol)  # after `one`, `two` and every piece stashed: builtin:smol's three rows o
     step "smol_$row" "${hide[@]}" timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/smol --row $row --out "$res/smol_$row.json"
   done
   ;;
+settings)  # after `build` (or `start`): llama.cpp's thread count and flash attention (bench/llama_settings.py)
+  step settings_cpu env CUDA_VISIBLE_DEVICES= timeout 300 python3 bench/llama_settings.py --out "$res"/settings_cpu.json
+  step settings_cuda timeout 120 python3 bench/llama_settings.py --devices cuda --out "$res"/settings_cuda.json
+  ;;
 ort)  # on its own, no llama.cpp (carry .cuda/site.tar.gz .cuda/cache.tar.gz .cuda-ort): the vision graph on CUDA
   rm -rf "$W"/site "$W"/tiny && mkdir -p "$W"/site "$W"/cache
   tar xzf .cuda/site.tar.gz -C "$W"/site && tar xzf .cuda/cache.tar.gz -C "$W"/cache
@@ -194,5 +200,5 @@ from pathlib import Path; from mmagent.export.bundle import export_bundle; w = P
 export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
   step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|start|llama7b|keep|stash|smol|ort|ort2"; exit 2 ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|start|llama7b|keep|stash|smol|settings|ort|ort2"; exit 2 ;;
 esac

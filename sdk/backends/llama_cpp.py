@@ -106,35 +106,41 @@ def probe_batched_decode(extra_buffer_types: bool) -> bool:
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.q8_0.gguf"
-        _write_probe_gguf(path)
+        write_random_gguf(path)
         with LlamaCppLM(path, n_ctx=32, n_threads=1, extra_buffer_types=extra_buffer_types) as lm:
             logits = lm.next_token_logits([list(range(8))])
     return bool(np.isfinite(logits).all())
 
 
-def _write_probe_gguf(path: Path, n_embd: int = 64, n_ff: int = 128, n_vocab: int = 64) -> None:
-    """A 1-layer LLaMA with random Q8_0 weights and no vocabulary: shapes the AMX kernels accept."""
+def write_random_gguf(path: Path, n_embd: int = 64, n_ff: int = 128, n_vocab: int = 64, n_layers: int = 1,
+                      n_head: int = 2, n_head_kv: int = 2, dtype: str = "q8_0") -> None:
+    """A LLaMA with random weights (matrices in q8_0 or f16) and no vocabulary: the AMX probe's model (1 layer,
+    shapes those kernels accept), or a stand-in of a real model's shape for timing llama.cpp's settings."""
     import gguf
     rng = np.random.default_rng(0)
+    kind = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16}[dtype]
 
-    def q8(*shape):
-        return gguf.quants.quantize(rng.normal(0, 0.05, shape).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    def matrix(*shape):
+        return gguf.quants.quantize(rng.normal(0, 0.05, shape).astype(np.float32), kind)
 
     w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((w.add_context_length, 32), (w.add_embedding_length, n_embd), (w.add_block_count, 1),
-                       (w.add_feed_forward_length, n_ff), (w.add_head_count, 2), (w.add_head_count_kv, 2),
-                       (w.add_rope_dimension_count, n_embd // 2), (w.add_layer_norm_rms_eps, 1e-5),
+    head_dim = n_embd // n_head
+    for add, value in ((w.add_context_length, 2048), (w.add_embedding_length, n_embd), (w.add_block_count, n_layers),
+                       (w.add_feed_forward_length, n_ff), (w.add_head_count, n_head), (w.add_head_count_kv, n_head_kv),
+                       (w.add_rope_dimension_count, head_dim), (w.add_layer_norm_rms_eps, 1e-5),
                        (w.add_vocab_size, n_vocab), (w.add_tokenizer_model, "none")):
         add(value)
-    q8_type = gguf.GGMLQuantizationType.Q8_0
     w.add_tensor("token_embd.weight", rng.normal(0, 0.05, (n_vocab, n_embd)).astype(np.float32))
-    for name, shape in (("output.weight", (n_vocab, n_embd)), ("blk.0.attn_q.weight", (n_embd, n_embd)),
-                        ("blk.0.attn_k.weight", (n_embd, n_embd)), ("blk.0.attn_v.weight", (n_embd, n_embd)),
-                        ("blk.0.attn_output.weight", (n_embd, n_embd)), ("blk.0.ffn_gate.weight", (n_ff, n_embd)),
-                        ("blk.0.ffn_up.weight", (n_ff, n_embd)), ("blk.0.ffn_down.weight", (n_embd, n_ff))):
-        w.add_tensor(name, q8(*shape), raw_dtype=q8_type)
-    for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
-        w.add_tensor(name, np.ones(n_embd, np.float32))
+    w.add_tensor("output.weight", matrix(n_vocab, n_embd), raw_dtype=kind)
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    kv = n_head_kv * head_dim
+    for i in range(n_layers):
+        for name, shape in (("attn_q", (n_embd, n_embd)), ("attn_k", (kv, n_embd)), ("attn_v", (kv, n_embd)),
+                            ("attn_output", (n_embd, n_embd)), ("ffn_gate", (n_ff, n_embd)),
+                            ("ffn_up", (n_ff, n_embd)), ("ffn_down", (n_embd, n_ff))):
+            w.add_tensor(f"blk.{i}.{name}.weight", matrix(*shape), raw_dtype=kind)
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{name}.weight", np.ones(n_embd, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -169,14 +175,15 @@ FLASH_ATTN_TYPES = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_
                     "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO}
 
 
-def flash_attn_mode(mode: str | None = None) -> str:
-    """Flash attention for llama.cpp contexts: `mode`, else MMAGENT_LLAMA_FLASH_ATTN, else "off" (as `Llama`).
-    Off by default because llama.cpp's "auto" (on wherever the backend has kernels) decoded 9-12% slower on
-    an H200 (a 7B, f16 and q4_k_m, a few hundred positions) and ~6% slower on a CPU for the tiny default;
-    docs/BENCHMARKS.md. Long contexts may gain from "on"."""
+def flash_attn_mode(mode: str | None = None, offloaded: bool = False) -> str:
+    """Flash attention for a llama.cpp context: `mode`, else MMAGENT_LLAMA_FLASH_ATTN, else by device. With
+    layers on a GPU off (as `Llama` has it): llama.cpp's "auto" decoded a 7B 9-12% slower on an H200 with our
+    CUDA build. On the CPU llama.cpp's "auto": on an Intel AMX CPU it decoded SmolLM2-135M 4-19% faster and
+    filled prompts 19-65% faster (bench/llama_settings.py, bench/llama_cpu_paths.py; docs/BENCHMARKS.md)."""
     source = "flash_attn"
     if mode is None:
-        mode, source = os.environ.get("MMAGENT_LLAMA_FLASH_ATTN", "off"), "MMAGENT_LLAMA_FLASH_ATTN"
+        default = "off" if offloaded else "auto"
+        mode, source = os.environ.get("MMAGENT_LLAMA_FLASH_ATTN", default), "MMAGENT_LLAMA_FLASH_ATTN"
     if mode not in FLASH_ATTN_TYPES:
         raise ValueError(f"{source}={mode!r}: expected one of {', '.join(FLASH_ATTN_TYPES)}, "
                          f"e.g. MMAGENT_LLAMA_FLASH_ATTN=on")
@@ -232,11 +239,11 @@ class LlamaCppLM:
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None,
                  n_gpu_layers: int = 0, extra_buffer_types: bool | None = None, flash_attn: str | None = None,
                  mmap: bool = True):
-        """`flash_attn`: "on", "off" or "auto" (llama.cpp decides); None: MMAGENT_LLAMA_FLASH_ATTN, else off.
+        """`flash_attn`: "on", "off" or "auto" (llama.cpp decides); None: `flash_attn_mode`'s default.
         `mmap=False` reads the GGUF into memory instead of mapping it (llama-cpp-python's `Llama` does so
         whenever it is given a LoRA)."""
         self._ctx = self._model = None
-        self.flash_attn = flash_attn_mode(flash_attn)  # a bad value stops here, before the model loads
+        self.flash_attn = flash_attn_mode(flash_attn, n_gpu_layers != 0)  # a bad value stops here, before loading
         self._adapters: dict[str, tuple] = {}  # name -> (adapter, ctypes array of it, ctypes scales)
         self._owner, self._lanes, self._guard = None, [], SharedLock()
         silence_llama_cpp()

@@ -283,16 +283,20 @@ def test_llama_cpp_threads_follow_where_the_layers_are(monkeypatch):
         backend.default_threads(1)
 
 
-def test_llama_cpp_flash_attention_is_off_unless_asked(monkeypatch, tmp_path):
-    """Off by default (llama.cpp's auto decoded slower, docs/BENCHMARKS.md); the argument wins over
-    MMAGENT_LLAMA_FLASH_ATTN; a bad value is named with the accepted ones, before any model loads."""
+def test_llama_cpp_flash_attention_follows_the_device_unless_asked(monkeypatch, tmp_path):
+    """Off with layers on a GPU, llama.cpp's auto on the CPU (what measured faster on each, docs/BENCHMARKS.md);
+    the argument wins over MMAGENT_LLAMA_FLASH_ATTN, which wins over the device; a bad value is named with the
+    accepted ones, before any model loads."""
     from mmagent.backends import llama_cpp as backend
     monkeypatch.delenv("MMAGENT_LLAMA_FLASH_ATTN", raising=False)
-    assert backend.flash_attn_mode() == "off" and backend.flash_attn_mode("auto") == "auto"
-    monkeypatch.setenv("MMAGENT_LLAMA_FLASH_ATTN", "on")
-    assert backend.flash_attn_mode() == "on" and backend.flash_attn_mode("off") == "off"
+    assert backend.flash_attn_mode() == "auto" and backend.flash_attn_mode(offloaded=True) == "off"
+    assert backend.flash_attn_mode("on", offloaded=True) == "on"
     path = tmp_path / "probe.gguf"
-    backend._write_probe_gguf(path)
+    backend.write_random_gguf(path)
+    with backend.LlamaCppLM(path, n_ctx=32, n_threads=1) as lm:
+        assert lm.flash_attn == "auto"
+    monkeypatch.setenv("MMAGENT_LLAMA_FLASH_ATTN", "on")
+    assert backend.flash_attn_mode(offloaded=True) == "on" and backend.flash_attn_mode("off") == "off"
     with backend.LlamaCppLM(path, n_ctx=32, n_threads=1) as lm:
         assert lm.flash_attn == "on" and lm.lane().flash_attn == "on"
     monkeypatch.setenv("MMAGENT_LLAMA_FLASH_ATTN", "yes")
