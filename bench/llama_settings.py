@@ -1,7 +1,7 @@
 """llama.cpp's settings that the SDK picks for the user, timed on this machine: the CPU thread count (default:
-one thread per 256 MB of weights, up to the usable CPUs) and flash attention (default: llama.cpp's "auto" on the
-CPU, off with the layers on a GPU), on a model of SmolLM2-135M's shape (30 layers, 576 wide, 9 query and 3 KV
-heads; random weights, f16 and q8_0) and, with --tiny, of builtin:tiny's.
+one per usable physical core; until 2026-11-28 one per 256 MB of weights) and flash attention (default:
+llama.cpp's "auto" on the CPU, off with the layers on a GPU), on models of SmolLM2-135M's shape (30 layers, 576
+wide, 9 query and 3 KV heads) and of a tiny one's (4 layers, 256 wide); random weights, f16 and q8_0.
 
     CUDA_VISIBLE_DEVICES= python bench/llama_settings.py [--threads 1,2,4,8,16] [--out cpu.json]
     python bench/llama_settings.py --devices cuda [--out cuda.json]     (LLAMA_CPP_LIB_PATH: a CUDA build)
@@ -60,7 +60,7 @@ def main() -> None:
             for dtype in ("f16", "q8_0"):
                 path = Path(tmp) / f"{shape}.{dtype}.gguf"
                 write_random_gguf(path, **SHAPES[shape], dtype=dtype)
-                default = default_threads(path.stat().st_size)
+                default = default_threads()
                 devices = args.devices.split(",")
                 cases = [("cpu", None, fa) for fa in ("auto", "off")] if "cpu" in devices else []
                 cases += [("cpu", n, "auto") for n in map(int, args.threads.split(",")) if n != default] if cases else []

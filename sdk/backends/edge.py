@@ -143,7 +143,7 @@ class EdgeBackend:
     def __init__(self, bundle, quant: str = "f16", vision: str | None = None, n_threads: int | None = None,
                  n_gpu_layers: int = 0, providers=None, manifest: dict | None = None, lanes: int = 1,
                  device: str | None = None):
-        from mmagent.backends.llama_cpp import LlamaCppLM
+        from mmagent.backends.llama_cpp import LlamaCppLM, default_threads
         from mmagent.backends.onnx_vision import VisionSession
         from mmagent.device import check_onnx_session, is_cuda, parse_device, require_llama_cuda, vision_providers
         self.bundle = Path(bundle)
@@ -165,10 +165,10 @@ class EdgeBackend:
         needed = [m["llm"][quant], m["vision"][vision]] + [f for a in m["adapters"].values() for f in a["files"].values()] \
             + ([m["prompt"]["llm_tokenizer"]] if m["prompt"].get("llm_tokenizer") else [])
         verify(self.bundle, m, needed)
-        self.llm = LlamaCppLM(self.bundle / m["llm"][quant], n_ctx=1024, n_threads=n_threads,
-                              n_gpu_layers=n_gpu_layers)
         if lanes < 1:
             raise ValueError(f"lanes must be at least 1, got {lanes}")
+        threads = n_threads or default_threads(offloaded=n_gpu_layers != 0, lanes=lanes)  # the lanes share the cores
+        self.llm = LlamaCppLM(self.bundle / m["llm"][quant], n_ctx=1024, n_threads=threads, n_gpu_layers=n_gpu_layers)
         self.lanes, self.lms = lanes, [self.llm, *(self.llm.lane() for _ in range(lanes - 1))]
         self.vision = VisionSession(self.bundle / m["vision"][vision], providers)
         check_onnx_session(self.vision.session.get_providers(), self.device)

@@ -59,7 +59,7 @@ def _library_identity() -> str:
     return json.dumps([PROBE_VERSION, llama_cpp.__version__, str(lib), stats, cpu, system_info()])
 
 
-def _read(path: str) -> str:
+def _read(path: str | Path) -> str:
     try:
         return Path(path).read_text()
     except OSError:
@@ -147,28 +147,37 @@ def write_random_gguf(path: Path, n_embd: int = 64, n_ff: int = 128, n_vocab: in
     w.close()
 
 
-BYTES_PER_THREAD = 256 << 20  # below this much weight a thread's share costs less than syncing it
-
-
-def _usable_cpus() -> int:
+def _usable_cpus() -> set[int]:
     # The CPUs this process may run on (taskset, container limits), not all the host has.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
-def default_threads(model_bytes: int, offloaded: bool = False) -> int:
-    """MMAGENT_THREADS wins; else one thread per 256 MB of weights, up to the usable CPUs. llama.cpp's
-    threads spin-wait on each other: for the 16 MB default model one thread decodes 1.8x faster than two.
-    Layers on the GPU (`offloaded`): half the usable CPUs, as llama-cpp-python's `Llama` takes; the CPU then
-    only looks up token embeddings. (On a 32-CPU H200 host a 7B decoded as fast with 16 threads as with 32:
-    the threads were not why our decode ran 8-10% behind `Llama`'s; docs/BENCHMARKS.md.)"""
+def _physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
+    """How many physical cores `cpus` are on: hyperthread siblings share one (sysfs topology; a CPU whose
+    topology is unreadable counts as a core of its own)."""
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        core = (_read(topology / "physical_package_id").strip(), _read(topology / "core_id").strip())
+        cores.add(core if all(core) else ("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def default_threads(offloaded: bool = False, lanes: int = 1) -> int:
+    """MMAGENT_THREADS wins; else, as llama.cpp's own default, one thread per usable physical core, shared by
+    the `lanes` that decode at once (llama.cpp's threads spin-wait, so oversubscribing them stalls all).
+    Measured on a 16-core host: SmolLM2-135M's shape decoded 3.3-8x faster on 16 threads than on the 1-2
+    that the earlier one-thread-per-256-MB rule gave, and even the 16 MB default 3.8x
+    (bench/llama_settings.py; docs/BENCHMARKS.md). Layers on the GPU: half the usable CPUs, as
+    llama-cpp-python's `Llama` takes; the CPU then only looks up token embeddings."""
     if os.environ.get("MMAGENT_THREADS"):
         value = os.environ["MMAGENT_THREADS"]
         if not value.isdigit():
             raise ValueError(f"MMAGENT_THREADS={value!r}: expected a whole number of threads, e.g. MMAGENT_THREADS=1")
         return max(1, int(value))
     if offloaded:
-        return max(1, _usable_cpus() // 2)
-    return max(1, min(_usable_cpus(), 1 + model_bytes // BYTES_PER_THREAD))
+        return max(1, len(_usable_cpus()) // 2)
+    return max(1, _physical_cores(_usable_cpus()) // max(1, lanes))
 
 
 FLASH_ATTN_TYPES = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
@@ -257,8 +266,7 @@ class LlamaCppLM:
         self._model = llama_cpp.llama_model_load_from_file(os.fsencode(gguf_path), model_params)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
-        threads = self.n_threads = n_threads or default_threads(llama_cpp.llama_model_size(self._model),
-                                                                offloaded=n_gpu_layers != 0)
+        threads = self.n_threads = n_threads or default_threads(offloaded=n_gpu_layers != 0)
         self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(n_ctx, threads, self.flash_attn))
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {gguf_path}")

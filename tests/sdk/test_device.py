@@ -267,20 +267,42 @@ def test_cuda_backends_answer_as_on_the_cpu(bundle, two_runs, sample_image):  # 
     assert torch_gpu.backend.dtype == torch.bfloat16 and torch_gpu.ask(sample_image, "Describe it.").text
 
 
-def test_llama_cpp_threads_follow_where_the_layers_are(monkeypatch):
-    """On the CPU a thread per 256 MB of weights (a tiny model decodes fastest on one); with the layers on
-    the GPU half the CPUs, as llama-cpp-python's Llama takes;
-    MMAGENT_THREADS overrides both, and a bad value is named."""
+def test_llama_cpp_threads_follow_the_cores_the_lanes_and_the_device(monkeypatch, tmp_path):
+    """On the CPU one thread per physical core (hyperthread siblings count once), shared by the lanes; with the
+    layers on the GPU half the CPUs, as llama-cpp-python's Llama takes; MMAGENT_THREADS overrides all, and a
+    bad value is named."""
     from mmagent.backends import llama_cpp as backend
+    for cpu, core in ((0, 0), (1, 1), (2, 0), (3, 1), (4, 2)):  # 4 CPUs on 2 cores; cpu4 on a third
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    assert backend._physical_cores({0, 1, 2, 3}, tmp_path) == 2
+    assert backend._physical_cores({0, 2}, tmp_path) == 1  # two siblings of one core
+    assert backend._physical_cores({0, 1, 2, 3, 4, 7, 8}, tmp_path) == 5  # cpu7, cpu8: no topology, a core each
     monkeypatch.delenv("MMAGENT_THREADS", raising=False)
-    monkeypatch.setattr(backend, "_usable_cpus", lambda: 16)
-    assert backend.default_threads(16 << 20) == 1 and backend.default_threads(13 << 30) == 16
-    assert backend.default_threads(13 << 30, offloaded=True) == backend.default_threads(16 << 20, offloaded=True) == 8
+    monkeypatch.setattr(backend, "_usable_cpus", lambda: set(range(16)))
+    monkeypatch.setattr(backend, "_physical_cores", lambda cpus: len(cpus) // 2)
+    assert backend.default_threads() == 8 and backend.default_threads(lanes=3) == 2
+    assert backend.default_threads(lanes=32) == 1
+    assert backend.default_threads(offloaded=True) == 8
     monkeypatch.setenv("MMAGENT_THREADS", "3")
-    assert backend.default_threads(13 << 30, offloaded=True) == 3
+    assert backend.default_threads(offloaded=True) == backend.default_threads(lanes=4) == 3
     monkeypatch.setenv("MMAGENT_THREADS", "many")
     with pytest.raises(ValueError, match="MMAGENT_THREADS"):
-        backend.default_threads(1)
+        backend.default_threads()
+
+
+def test_edge_lanes_share_the_cores(bundle, monkeypatch):
+    from mmagent.backends import llama_cpp as backend
+    from mmagent.backends.edge import EdgeBackend
+    monkeypatch.delenv("MMAGENT_THREADS", raising=False)
+    monkeypatch.setattr(backend, "_physical_cores", lambda cpus: 4)
+    edge = EdgeBackend(bundle, lanes=2)
+    try:
+        assert [lm.n_threads for lm in edge.lms] == [2, 2]
+    finally:
+        edge.close()
 
 
 def test_llama_cpp_flash_attention_follows_the_device_unless_asked(monkeypatch, tmp_path):
