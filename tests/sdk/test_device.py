@@ -54,7 +54,8 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_refused():
 
 
 def test_the_vision_graph_runs_on_the_cpu_unless_cuda_is_asked(tmp_path):
-    """onnxruntime-gpu lists CUDA among its providers; a session nobody asked to put on a GPU stays on the CPU."""
+    """onnxruntime-gpu lists CUDA among its providers; a session nobody asked to put on a GPU stays on the CPU,
+    and its idle threads do not spin on the cores llama.cpp decodes on."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -63,7 +64,9 @@ def test_the_vision_graph_runs_on_the_cpu_unless_cuda_is_asked(tmp_path):
                               [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [1])])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "v.onnx")
-    assert VisionSession(tmp_path / "v.onnx").session.get_providers() == ["CPUExecutionProvider"]
+    session = VisionSession(tmp_path / "v.onnx").session
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_torch_placement():
