@@ -63,7 +63,7 @@ unpack() {  # the carried site-packages, cache and llama.cpp source (gzip and Py
   mkdir -p "$W"/src "$W"/site "$W"/cache "$W"/build/bin
   [ -d "$W"/site/gguf ] || tar xzf .cuda/site.tar.gz -C "$W"/site
   [ -d "$W"/cache/tokenizer-smollm2 ] || tar xzf .cuda/cache.tar.gz -C "$W"/cache
-  [ -f "$W"/src/CMakeLists.txt ] || tar xzf .cuda/llama-src.tar.gz -C "$W"/src
+  [ -f "$W"/src/CMakeLists.txt ] || [ ! -f .cuda/llama-src.tar.gz ] || tar xzf .cuda/llama-src.tar.gz -C "$W"/src
 }
 
 build_llama() {  # from .cuda-build/ when an earlier `keep` brought the libraries back (carry it), else built (4-5 min)
