@@ -177,10 +177,13 @@ smol)  # after `one`, `two` and every piece stashed: builtin:smol's three rows o
   [ -f "$W"/llama.env ] && . "$W"/llama.env
   step smol_prepare timeout 200 python3 bench/tiny_gpu.py prepare --base smol --work "$W"/smol
   step smol_export env CUDA_VISIBLE_DEVICES= timeout 200 python3 bench/tiny_gpu.py export --work "$W"/smol
-  for row in torch-cuda edge-cuda edge-cpu; do
+  for row in ${MM_SMOL_ROWS:-torch-cuda edge-cuda edge-cpu}; do  # MM_SMOL_ROWS: some of them
     [ $row = edge-cpu ] && hide=(env CUDA_VISIBLE_DEVICES=) || hide=()
     step "smol_$row" "${hide[@]}" timeout 120 python3 bench/tiny_gpu.py bench --work "$W"/smol --row $row --out "$res/smol_$row.json"
   done
+  ;;
+ortcuda)  # onnxruntime's CUDA provider put in place alone (carry .cuda-ort), e.g. before `smol`
+  ort_cuda
   ;;
 settings)  # after `build` (or `start`): llama.cpp's thread count and flash attention (bench/llama_settings.py)
   step settings_cpu env CUDA_VISIBLE_DEVICES= timeout 300 python3 bench/llama_settings.py --out "$res"/settings_cpu.json
@@ -200,5 +203,5 @@ from pathlib import Path; from mmagent.export.bundle import export_bundle; w = P
 export_bundle([w / 'vqa', w / 'caption'], w / 'bundle', gguf=False, onnx=True, merged=True, force=True)"
   step vision timeout 40 python3 bench/vision_gpu.py "$W"/tiny/bundle --out "$res"/vision.json
   ;;
-*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|start|llama7b|keep|stash|smol|settings|ort|ort2"; exit 2 ;;
+*) echo "usage: bash bench/gpu_kernels.sh one|two|torch7b|build|start|llama7b|keep|stash|smol|ortcuda|settings|ort|ort2"; exit 2 ;;
 esac
