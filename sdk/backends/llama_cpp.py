@@ -152,6 +152,19 @@ def _usable_cpus() -> set[int]:
     return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
+def _cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs' worth of time a container's cgroup grants (`docker --cpus=2`: 2), None when unlimited. Affinity
+    still shows every host CPU there, and llama.cpp's spin-waiting threads beyond the quota stall each other."""
+    v2 = _read(cgroup / "cpu.max").split()  # "max 100000" or "200000 100000"
+    v1 = [_read(cgroup / "cpu" / f"cpu.cfs_{x}_us").strip() for x in ("quota", "period")]
+    quota, period = v2[:2] if len(v2) == 2 else v1
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max", or no such files
+        return None
+    return max(1, -(-quota_us // period_us)) if quota_us > 0 and period_us > 0 else None
+
+
 def _physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
     """How many physical cores `cpus` are on: hyperthread siblings share one (sysfs topology; a CPU whose
     topology is unreadable counts as a core of its own)."""
@@ -164,8 +177,8 @@ def _physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu"
 
 
 def default_threads(offloaded: bool = False, lanes: int = 1) -> int:
-    """MMAGENT_THREADS wins; else, as llama.cpp's own default, one thread per usable physical core, shared by
-    the `lanes` that decode at once (llama.cpp's threads spin-wait, so oversubscribing them stalls all).
+    """MMAGENT_THREADS wins; else, as llama.cpp's own default, one thread per usable physical core (no more
+    than a container's CPU quota), shared by the `lanes` that decode at once (llama.cpp's threads spin-wait, so oversubscribing them stalls all).
     Measured on a 16-core host: SmolLM2-135M's shape decoded 3.3-8x faster on 16 threads than on the 1-2
     that the earlier one-thread-per-256-MB rule gave, and even the 16 MB default 3.8x
     (bench/llama_settings.py; docs/BENCHMARKS.md). Layers on the GPU: half the usable CPUs, as
@@ -175,9 +188,11 @@ def default_threads(offloaded: bool = False, lanes: int = 1) -> int:
         if not value.isdigit():
             raise ValueError(f"MMAGENT_THREADS={value!r}: expected a whole number of threads, e.g. MMAGENT_THREADS=1")
         return max(1, int(value))
+    cpus = _usable_cpus()
+    limit = _cpu_quota() or len(cpus)
     if offloaded:
-        return max(1, len(_usable_cpus()) // 2)
-    return max(1, _physical_cores(_usable_cpus()) // max(1, lanes))
+        return max(1, min(len(cpus), limit) // 2)
+    return max(1, min(_physical_cores(cpus), limit) // max(1, lanes))
 
 
 FLASH_ATTN_TYPES = {"on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,

@@ -286,6 +286,7 @@ def test_llama_cpp_threads_follow_the_cores_the_lanes_and_the_device(monkeypatch
     monkeypatch.delenv("MMAGENT_THREADS", raising=False)
     monkeypatch.setattr(backend, "_usable_cpus", lambda: set(range(16)))
     monkeypatch.setattr(backend, "_physical_cores", lambda cpus: len(cpus) // 2)
+    monkeypatch.setattr(backend, "_cpu_quota", lambda: None)  # whatever container runs this test
     assert backend.default_threads() == 8 and backend.default_threads(lanes=3) == 2
     assert backend.default_threads(lanes=32) == 1
     assert backend.default_threads(offloaded=True) == 8
@@ -296,11 +297,39 @@ def test_llama_cpp_threads_follow_the_cores_the_lanes_and_the_device(monkeypatch
         backend.default_threads()
 
 
+def test_llama_cpp_threads_stay_within_a_containers_cpu_quota(monkeypatch, tmp_path):
+    """`docker --cpus=2.5` on a 16-core host: affinity shows 16 CPUs, the cgroup grants 2.5 CPUs' time, so 3
+    threads; cgroup v2 and v1 files both read, "max" and -1 mean unlimited."""
+    from mmagent.backends import llama_cpp as backend
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("250000 100000\n")
+    assert backend._cpu_quota(v2) == 3
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert backend._cpu_quota(v2) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert backend._cpu_quota(v1) == 2
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert backend._cpu_quota(v1) is None and backend._cpu_quota(tmp_path / "none") is None
+    monkeypatch.delenv("MMAGENT_THREADS", raising=False)
+    monkeypatch.setattr(backend, "_usable_cpus", lambda: set(range(16)))
+    monkeypatch.setattr(backend, "_physical_cores", lambda cpus: 16)
+    monkeypatch.setattr(backend, "_cpu_quota", lambda: 3)
+    assert backend.default_threads() == 3 and backend.default_threads(offloaded=True) == 1
+    assert backend.default_threads(lanes=2) == 1
+    monkeypatch.setattr(backend, "_cpu_quota", lambda: None)
+    assert backend.default_threads() == 16
+
+
 def test_edge_lanes_share_the_cores(bundle, monkeypatch):
     from mmagent.backends import llama_cpp as backend
     from mmagent.backends.edge import EdgeBackend
     monkeypatch.delenv("MMAGENT_THREADS", raising=False)
+    monkeypatch.setattr(backend, "_usable_cpus", lambda: set(range(8)))
     monkeypatch.setattr(backend, "_physical_cores", lambda cpus: 4)
+    monkeypatch.setattr(backend, "_cpu_quota", lambda: None)
     edge = EdgeBackend(bundle, lanes=2)
     try:
         assert [lm.n_threads for lm in edge.lms] == [2, 2]
