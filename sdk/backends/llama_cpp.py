@@ -178,10 +178,10 @@ def _physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu"
 
 def default_threads(offloaded: bool = False, lanes: int = 1) -> int:
     """MMAGENT_THREADS wins; else, as llama.cpp's own default, one thread per usable physical core (no more
-    than a container's CPU quota), shared by the `lanes` that decode at once (llama.cpp's threads spin-wait, so oversubscribing them stalls all).
-    Measured on a 16-core host: SmolLM2-135M's shape decoded 3.3-8x faster on 16 threads than on the 1-2
-    that the earlier one-thread-per-256-MB rule gave, and even the 16 MB default 3.8x
-    (bench/llama_settings.py; docs/BENCHMARKS.md). Layers on the GPU: half the usable CPUs, as
+    than a container's CPU quota), shared by the `lanes` that decode at once (llama.cpp's threads spin-wait,
+    so oversubscribing them stalls all). Measured on a 16-core host: SmolLM2-135M's shape decoded 3.3-8x
+    faster on 16 threads than on the 1-2 that the earlier one-thread-per-256-MB rule gave, a 4-layer tiny
+    shape 2.9-3.8x faster than on 1 (bench/llama_settings.py; docs/BENCHMARKS.md). Layers on the GPU: half the usable CPUs, as
     llama-cpp-python's `Llama` takes; the CPU then only looks up token embeddings."""
     if os.environ.get("MMAGENT_THREADS"):
         value = os.environ["MMAGENT_THREADS"]
