@@ -51,6 +51,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from mmagent.backends.llama_cpp import default_threads, write_random_gguf
+    devices, default = args.devices.split(","), default_threads()
+    # (device, threads (None: the default), flash attention): the same cases for every model
+    cases = [("cpu", None, fa) for fa in ("auto", "off") if "cpu" in devices]
+    cases += [("cpu", n, "auto") for n in map(int, args.threads.split(",")) if "cpu" in devices and n != default]
+    cases += [("cuda", None, fa) for fa in ("off", "auto") if "cuda" in devices]
     rows = []
     print(f"machine: {machine()}")
     print("| shape | weights | device | threads | flash attention | prompt tok/s | decode tok/s |")
@@ -60,11 +65,6 @@ def main() -> None:
             for dtype in ("f16", "q8_0"):
                 path = Path(tmp) / f"{shape}.{dtype}.gguf"
                 write_random_gguf(path, **SHAPES[shape], dtype=dtype)
-                default = default_threads()
-                devices = args.devices.split(",")
-                cases = [("cpu", None, fa) for fa in ("auto", "off")] if "cpu" in devices else []
-                cases += [("cpu", n, "auto") for n in map(int, args.threads.split(",")) if n != default] if cases else []
-                cases += [("cuda", None, fa) for fa in ("off", "auto")] if "cuda" in devices else []
                 for device, threads, fa in cases:
                     r = measure(path, threads, fa, device == "cuda")
                     rows.append({"shape": shape, "weights": dtype, "device": device, "flash_attn": fa,
